@@ -1,0 +1,1 @@
+"""dqvq: dynamic vector quantization (DQ-VAE, DQ-Transformer) in JAX/Flax."""

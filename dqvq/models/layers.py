@@ -1,0 +1,209 @@
+"""Convolutional building blocks shared by the DQ-VAE encoder and decoder.
+
+These follow the taming-transformers blocks that the official DQ-VAE uses
+(`modules/diffusionmodules/model.py`), in NHWC layout. Initialisers reproduce
+PyTorch's defaults (kaiming-uniform with a=sqrt(5), i.e. U(+-1/sqrt(fan_in))
+for weights and biases) so that training dynamics, and the learning rates the
+paper reports, carry over from the official code.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+# kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_kernel_init = nn.initializers.variance_scaling(
+    1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
+  """PyTorch's default bias init, U(+-1/sqrt(fan_in)); needs the layer's fan-in."""
+  bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def swish(x: Array) -> Array:
+  """x * sigmoid(x), the official `nonlinearity`."""
+  return nn.swish(x)
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm(32, eps=1e-6) with affine scale/bias, as `Normalize` in taming.
+
+  Flax's GroupNorm uses the biased variance like PyTorch. Statistics are
+  computed in float32 even when activations are bf16.
+  """
+  num_groups: int = 32
+  epsilon: float = 1e-6
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    groups = self.num_groups
+    if x.shape[-1] % groups:
+      raise ValueError(
+          f'GroupNorm needs channels ({x.shape[-1]}) divisible by num_groups '
+          f'({groups}); pick channel widths that are multiples of {groups}.')
+    return nn.GroupNorm(num_groups=groups, epsilon=self.epsilon,
+                        dtype=self.dtype, param_dtype=jnp.float32)(x)
+
+
+class Conv(nn.Module):
+  """A 2-D convolution with PyTorch-default init and explicit padding.
+
+  `padding` is PyTorch's symmetric integer padding (so a 3x3 conv with
+  padding 1 maps H to H), or 'VALID'.
+  """
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  padding: int | str = 1
+  use_bias: bool = True
+  kernel_init: nn.initializers.Initializer | None = None
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    k = self.kernel_size
+    fan_in = x.shape[-1] * k * k
+    pad = self.padding
+    if isinstance(pad, int):
+      pad = ((pad, pad), (pad, pad))
+    return nn.Conv(
+        self.features, (k, k), strides=(self.strides, self.strides),
+        padding=pad, use_bias=self.use_bias,
+        kernel_init=self.kernel_init or torch_kernel_init,
+        bias_init=torch_bias_init(fan_in), dtype=self.dtype,
+        param_dtype=jnp.float32, name='conv')(x)
+
+
+class Dense(nn.Module):
+  """A Linear layer with PyTorch-default init."""
+  features: int
+  use_bias: bool = True
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    return nn.Dense(
+        self.features, use_bias=self.use_bias, kernel_init=torch_kernel_init,
+        bias_init=torch_bias_init(x.shape[-1]), dtype=self.dtype,
+        param_dtype=jnp.float32, name='linear')(x)
+
+
+class ResnetBlock(nn.Module):
+  """GN-swish-conv twice, plus a 1x1 `nin_shortcut` when widths differ."""
+  features: int
+  dropout: float = 0.0
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    h = Conv(self.features, 3, name='conv1', dtype=self.dtype)(
+        swish(GroupNorm(name='norm1', dtype=self.dtype)(x)))
+    h = swish(GroupNorm(name='norm2', dtype=self.dtype)(h))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = Conv(self.features, 3, name='conv2', dtype=self.dtype)(h)
+    if x.shape[-1] != self.features:
+      x = Conv(self.features, 1, padding=0, name='nin_shortcut',
+               dtype=self.dtype)(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """Single-head self-attention over all H*W positions, with a residual.
+
+  q, k, v and proj_out are the official 1x1 convs, written as Dense layers on
+  the channel axis (identical maths, and the importer maps them by name).
+  """
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    b, h, w, c = x.shape
+    hn = GroupNorm(name='norm', dtype=self.dtype)(x)
+    q = Dense(c, name='q', dtype=self.dtype)(hn).reshape(b, h * w, 1, c)
+    k = Dense(c, name='k', dtype=self.dtype)(hn).reshape(b, h * w, 1, c)
+    v = Dense(c, name='v', dtype=self.dtype)(hn).reshape(b, h * w, 1, c)
+    # jax.nn.dot_product_attention scales by 1/sqrt(c), as the official code.
+    out = jax.nn.dot_product_attention(q, k, v).reshape(b, h, w, c)
+    return x + Dense(c, name='proj_out', dtype=self.dtype)(out)
+
+
+class Downsample(nn.Module):
+  """Zero-pad right/bottom by one pixel, then a VALID stride-2 3x3 conv.
+
+  This asymmetric padding is what the official code does (pad (0,1,0,1)); it
+  is not SAME padding, and official weights only agree with it.
+  """
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    return Conv(x.shape[-1], 3, strides=2, padding='VALID', name='conv',
+                dtype=self.dtype)(x)
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour x2, then a 3x3 conv."""
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return Conv(x.shape[-1], 3, name='conv', dtype=self.dtype)(x)
+
+
+class MidBlock(nn.Module):
+  """ResnetBlock, AttnBlock, ResnetBlock at constant width (`mid_*`)."""
+  dropout: float = 0.0
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    c = x.shape[-1]
+    x = ResnetBlock(c, self.dropout, self.dtype, name='block_1')(x, train)
+    x = AttnBlock(self.dtype, name='attn_1')(x)
+    return ResnetBlock(c, self.dropout, self.dtype, name='block_2')(x, train)
+
+
+def nearest_upsample(x: Array, factor: int) -> Array:
+  """Replicates each cell of an (B, H, W, ...) map into a factor x factor block."""
+  if factor == 1:
+    return x
+  return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
+
+
+def avg_pool(x: Array, factor: int) -> Array:
+  """Non-overlapping factor x factor average pooling of a NHWC map."""
+  if factor == 1:
+    return x
+  return nn.avg_pool(x, (factor, factor), strides=(factor, factor))
+
+
+def count_params(tree: Any) -> int:
+  """Number of scalar parameters in a pytree of arrays."""
+  return sum(int(math.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def check_divisible(size: Sequence[int], factor: int, what: str) -> None:
+  """Raises a clear error when an image side is not a multiple of `factor`."""
+  for s in size:
+    if s % factor:
+      raise ValueError(
+          f'{what}: image side {s} is not a multiple of the largest '
+          f'downsampling factor {factor}; resize or crop images to a multiple '
+          f'of {factor} (e.g. {max(factor, s - s % factor)}).')

@@ -1,0 +1,25 @@
+"""Test setup: 8 fake CPU devices so sharding is exercised on any machine.
+
+XLA_FLAGS must be set before jax is imported anywhere, hence at the top of
+conftest.py, which pytest imports first.
+"""
+
+import os
+
+os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '') +
+    ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'slow: heavy checks, not in the default run')
+
+
+@pytest.fixture(scope='session')
+def num_devices() -> int:
+  return jax.device_count()
