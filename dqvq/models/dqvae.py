@@ -1,0 +1,229 @@
+"""DQ-VAE: the dynamic-grained tokenizer (paper Sec. 3.1).
+
+    x -> HierarchicalEncoder -> per-grain features
+      -> router (feature / entropy / random) -> grain map
+      -> merge on the finest grid (x gate_scale) -> quant_conv
+      -> VectorQuantizer (EMA) -> post_quant_conv -> Decoder -> x_hat
+
+Call `apply` with `method=DQVAE.encode`, `DQVAE.decode`, `DQVAE.decode_codes`
+or the full forward. Variable collections: 'params' (trainable), 'codebook'
+(EMA codebook state, mutable in training). RNG streams in training: 'gumbel'
+(feature router), 'restart' (dead codes), 'dropout'; 'router' for the random
+router at any time.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dqvq.models import decoder as decoder_lib
+from dqvq.models import encoder as encoder_lib
+from dqvq.models import grain as grain_lib
+from dqvq.models import layers
+from dqvq.models import quantizer as quantizer_lib
+from dqvq.models import router as router_lib
+
+Array = jax.Array
+
+
+class DQVAE(nn.Module):
+  """Dynamic-grained VQ autoencoder; one grain is plain VQGAN.
+
+  Attributes are the `config.model` fields (see `paper_kwargs`). Every
+  per-grain tuple is ordered coarse to fine; grain id 0 is the coarsest.
+  """
+  grain_factors: tuple[int, ...] = (16, 8)
+  grain_ratios: tuple[float, ...] = (0.5, 0.5)
+  # Encoder.
+  ch: int = 128
+  ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+  num_res_blocks: int = 2
+  attn_factors: tuple[int, ...] = (8, 16)
+  z_channels: int = 256
+  dropout: float = 0.0
+  # Decoder.
+  dec_ch: int = 128
+  dec_ch_mult: tuple[int, ...] = (1, 1, 2, 2)
+  dec_num_res_blocks: int = 2
+  dec_attn_factors: tuple[int, ...] = (8,)
+  position_embedding: str = 'fourier+learned'
+  # Quantizer.
+  codebook_size: int = 1024
+  codebook_dim: int = 256
+  beta: float = 0.25
+  ema_decay: float = 0.99
+  restart_unused: bool = True
+  # Router.
+  router: str = 'feature'
+  gate_type: str = 'mlp'
+  gumbel_tau: float = 1.0
+  entropy_thresholds: str | tuple[float, ...] | None = None
+  entropy_bin_range: tuple[float, float] = (-1.0, 1.0)
+  entropy_num_bins: int = 32
+  entropy_sigma: float = 0.01
+  dtype: Any = None
+
+  def setup(self):
+    self.validate()
+    factors = tuple(self.grain_factors)
+    self.encoder = encoder_lib.HierarchicalEncoder(
+        factors, self.ch, tuple(self.ch_mult), self.num_res_blocks,
+        tuple(self.attn_factors), self.z_channels, self.dropout, self.dtype)
+    if self.router == 'feature' and len(factors) > 1:
+      self.grain_router = router_lib.FeatureRouter(
+          factors, self.gate_type, self.gumbel_tau)
+    elif self.router == 'entropy':
+      self.grain_router = router_lib.EntropyRouter(
+          factors, tuple(self.grain_ratios), self.entropy_thresholds,
+          tuple(self.entropy_bin_range), self.entropy_num_bins,
+          self.entropy_sigma)
+    elif self.router == 'random':
+      self.grain_router = router_lib.RandomRouter(
+          factors, tuple(self.grain_ratios))
+    self.quant_conv = layers.Conv(self.codebook_dim, 1, padding=0)
+    self.quantize = quantizer_lib.VectorQuantizer(
+        self.codebook_size, self.codebook_dim, self.beta, self.ema_decay,
+        self.restart_unused)
+    self.post_quant_conv = layers.Conv(self.z_channels, 1, padding=0)
+    self.decoder = decoder_lib.Decoder(
+        self.dec_ch, tuple(self.dec_ch_mult), self.dec_num_res_blocks,
+        tuple(self.dec_attn_factors), 3, self.position_embedding, self.dropout,
+        self.dtype)
+
+  def validate(self) -> None:
+    """Clear errors for configurations that cannot work, before compiling."""
+    factors = tuple(self.grain_factors)
+    encoder_lib.validate_grain_factors(factors, len(self.ch_mult))
+    grain_lib.validate_grain_ratios(tuple(self.grain_ratios), len(factors))
+    if self.router not in router_lib.ROUTERS:
+      raise ValueError(f'Unknown router {self.router!r}; choose one of '
+                       f'{router_lib.ROUTERS}.')
+    if self.router == 'none' and len(factors) > 1:
+      raise ValueError("router='none' needs a single grain (plain VQGAN); "
+                       'with several grains choose feature, entropy or random.')
+    if 2 ** (len(self.dec_ch_mult) - 1) != factors[-1]:
+      raise ValueError(
+          f'The decoder upsamples by 2^(len(dec_ch_mult) - 1) = '
+          f'{2 ** (len(self.dec_ch_mult) - 1)} but the finest grain factor is '
+          f'{factors[-1]}; use len(dec_ch_mult) = '
+          f'{int(math.log2(factors[-1])) + 1}.')
+
+  @property
+  def num_grains(self) -> int:
+    return len(self.grain_factors)
+
+  def route(self, x: Array, features: Sequence[Array], train: bool,
+            grain_ratios: Sequence[float] | None) -> router_lib.Routing:
+    grid = features[0].shape[1:3]
+    if grain_ratios is not None and self.router not in ('entropy', 'random'):
+      raise ValueError(
+          'A per-call grain_ratios needs the entropy or random router; the '
+          'feature router learns its shares through the budget loss.')
+    if self.num_grains == 1 or self.router == 'none':
+      return router_lib.fixed_routing(x.shape[0], grid, self.num_grains)
+    if self.router == 'feature':
+      return self.grain_router(features, train)
+    if self.router == 'entropy':
+      return self.grain_router(x, grain_ratios)
+    return self.grain_router(x.shape[0], grid, grain_ratios)
+
+  def encode(self, x: Array, train: bool = False,
+             grain_ratios: Sequence[float] | None = None) -> dict[str, Any]:
+    """Images (B, H, W, 3) in [-1, 1] -> codes, grain map, quantized latents.
+
+    Returns a dict with 'codes' (B, H/f_fine, W/f_fine) on the finest grid
+    (a coarse region's code repeated over its cells), 'grain_map' (B, H/f_0,
+    W/f_0), 'quantized' (straight-through latents for the decoder), 'gate',
+    'logits', 'entropy', 'code_length' (codes per image) and the quantizer's
+    losses and usage statistics.
+    """
+    layers.check_divisible(x.shape[1:3], self.grain_factors[0], 'DQVAE')
+    features = self.encoder(x.astype(self.dtype or x.dtype), train)
+    routing = self.route(x, features, train, grain_ratios)
+    merged = grain_lib.merge_grains(features, routing.grain_map,
+                                    self.grain_factors)
+    if routing.gate_scale is not None:
+      scale = layers.nearest_upsample(
+          routing.gate_scale[..., None],
+          self.grain_factors[0] // self.grain_factors[-1])
+      merged = merged * scale.astype(merged.dtype)
+    mask = grain_lib.code_weight_mask(routing.grain_map, self.grain_factors)
+    z = self.quant_conv(merged)
+    quantized, codes, aux = self.quantize(z, mask, train)
+    return {
+        'codes': codes, 'grain_map': routing.grain_map, 'quantized': quantized,
+        'gate': routing.gate, 'logits': routing.logits,
+        'entropy': routing.entropy,
+        'code_length': grain_lib.code_length(routing.grain_map,
+                                             self.grain_factors),
+        **aux,
+    }
+
+  def decode(self, quantized: Array, train: bool = False,
+             return_features: bool = False) -> Array | tuple[Array, Array]:
+    """Quantized latents (B, h, w, D) -> images (B, h*f, w*f, 3).
+
+    With return_features, also returns the input of the decoder's conv_out,
+    which the adaptive GAN weight differentiates against.
+    """
+    h = self.post_quant_conv(quantized.astype(self.dtype or quantized.dtype))
+    image, last = self.decoder(h, train)
+    image = image.astype(jnp.float32)
+    return (image, last) if return_features else image
+
+  def decode_codes(self, codes: Array) -> Array:
+    """Code ids on the finest grid (B, h, w) -> images."""
+    return self.decode(self.quantize.lookup(codes))
+
+  def __call__(self, x: Array, train: bool = False,
+               grain_ratios: Sequence[float] | None = None) -> dict[str, Any]:
+    """Full forward: `encode` outputs plus 'reconstruction' and
+    'decoder_features' (conv_out's input)."""
+    out = self.encode(x, train, grain_ratios)
+    recon, last = self.decode(out['quantized'], train, return_features=True)
+    return {**out, 'reconstruction': recon, 'decoder_features': last}
+
+
+def paper_kwargs(variant: str = 'feature_dual') -> dict[str, Any]:
+  """`DQVAE` fields of the official ImageNet models.
+
+  Variants: 'feature_dual' (paper, F={8,16}, r_fine 0.5), 'entropy_dual' (the
+  released "better version"), 'triple' (F={8,16,32}, official r-03-03 shares
+  coarse 0.4 / median 0.3 / fine 0.3), 'vqgan' (one grain, f=16, the
+  fixed-length baseline).
+  """
+  base = dict(grain_factors=(16, 8), grain_ratios=(0.5, 0.5), ch=128,
+              ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_factors=(8, 16),
+              z_channels=256, dec_ch=128, dec_ch_mult=(1, 1, 2, 2),
+              dec_num_res_blocks=2, dec_attn_factors=(8,),
+              codebook_size=1024, codebook_dim=256, router='feature')
+  if variant == 'feature_dual':
+    return base
+  if variant == 'entropy_dual':
+    return {**base, 'router': 'entropy'}
+  if variant == 'triple':
+    return {**base, 'grain_factors': (32, 16, 8), 'grain_ratios': (0.4, 0.3, 0.3),
+            'ch_mult': (1, 1, 2, 2, 4, 4), 'attn_factors': (8, 16, 32)}
+  if variant == 'vqgan':
+    return {**base, 'grain_factors': (16,), 'grain_ratios': (1.0,),
+            'router': 'none', 'attn_factors': (16,), 'dec_ch_mult': (1, 1, 2, 2, 4),
+            'dec_attn_factors': (16,)}
+  raise ValueError(f'Unknown variant {variant!r}; choose feature_dual, '
+                   'entropy_dual, triple or vqgan.')
+
+
+def tiny_kwargs(variant: str = 'feature_dual') -> dict[str, Any]:
+  """A paper topology at toy widths, for `:runlocal` configs and tests.
+
+  Same levels, heads, attention placement and routers as `paper_kwargs`, so
+  every code path runs, at a cost that fits a laptop CPU.
+  """
+  kw = paper_kwargs(variant)
+  return {**kw, 'ch': 32, 'num_res_blocks': 1, 'z_channels': 32,
+          'dec_ch': 32, 'dec_num_res_blocks': 0, 'codebook_size': 64,
+          'codebook_dim': 32}

@@ -1,0 +1,182 @@
+"""Vector quantizer with an EMA codebook and dead-code restart.
+
+This is the official `VectorQuantize2` (RQ-VAE style), not the paper's plain
+VQ: the codebook is not trained by gradients but follows an exponential moving
+average of the vectors assigned to each code, and codes whose EMA count falls
+below one are restarted from random vectors of the current batch.
+
+State lives in the 'codebook' variable collection (`embedding`, and the EMA
+statistics `cluster_size` and `embed_sum`), so optimizers never see it and a
+training step updates it by running `apply(..., mutable=['codebook'])`.
+
+Sharding: under `jax.jit` the batch is one global array, so the counts and
+sums below already cover every data-parallel device and an 8-device step
+equals a 1-device step on the same global batch. Under `shard_map`/`pmap`,
+set `axis_name` and they are summed with `psum` instead.
+
+Differences from the official code, on purpose: `embed_sum` starts equal to
+the codebook (the official one starts from unrelated N(0, 1) draws, bug 21);
+restart vectors are drawn from the global batch (the official draws from rank
+0's shard); there is no unused padding row (the importer drops row 1024).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def nearest_codes(x: Array, codebook: Array) -> Array:
+  """argmin_k ||x - e_k||^2 over the last axis, first index on ties."""
+  d = (jnp.sum(x * x, axis=-1, keepdims=True) + jnp.sum(codebook ** 2, axis=-1)
+       - 2.0 * jnp.matmul(x, codebook.T, precision=_HIGHEST))
+  return jnp.argmin(d, axis=-1).astype(jnp.int32)
+
+
+def ema_update(cluster_size: Array, embed_sum: Array, x: Array, codes: Array,
+               decay: float, axis_name: str | None = None
+               ) -> tuple[Array, Array, Array]:
+  """One EMA step of the per-code counts and vector sums.
+
+  Returns (cluster_size, embed_sum, batch_counts). `x` is (N, D), `codes`
+  (N,); every vector counts once (replicated coarse cells count once per
+  cell, as in the official code).
+  """
+  one_hot = jax.nn.one_hot(codes, cluster_size.shape[0], dtype=jnp.float32)
+  counts = one_hot.sum(axis=0)
+  sums = jnp.matmul(one_hot.T, x, precision=_HIGHEST)
+  if axis_name is not None:
+    counts, sums = jax.lax.psum((counts, sums), axis_name)
+  cluster_size = decay * cluster_size + (1.0 - decay) * counts
+  embed_sum = decay * embed_sum + (1.0 - decay) * sums
+  return cluster_size, embed_sum, counts
+
+
+def restart_dead_codes(cluster_size: Array, embed_sum: Array, x: Array,
+                       key: Array) -> tuple[Array, Array]:
+  """Replaces codes with EMA count < 1 by random vectors of the batch.
+
+  When the batch holds fewer vectors than codes it is tiled and jittered with
+  U[0, 1) * 0.01 / sqrt(D), as the official code, so restarted codes differ.
+  """
+  num_codes, dim = embed_sum.shape
+  n = x.shape[0]
+  noise_key, perm_key = jax.random.split(key)
+  if n < num_codes:
+    reps = math.ceil(num_codes / n)
+    x = jnp.tile(x, (reps, 1))
+    x = x + jax.random.uniform(noise_key, x.shape) * (0.01 / math.sqrt(dim))
+  candidates = x[jax.random.permutation(perm_key, x.shape[0])[:num_codes]]
+  used = cluster_size >= 1.0
+  embed_sum = jnp.where(used[:, None], embed_sum, candidates)
+  cluster_size = jnp.where(used, cluster_size, 1.0)
+  return cluster_size, embed_sum
+
+
+def codebook_from_ema(cluster_size: Array, embed_sum: Array,
+                      eps: float = 1e-5) -> Array:
+  """Laplace-smoothed cluster means: the codebook implied by the EMA state."""
+  n = cluster_size.sum()
+  smoothed = n * (cluster_size + eps) / (n + cluster_size.shape[0] * eps)
+  return embed_sum / smoothed[:, None]
+
+
+def usage_stats(counts: Array) -> dict[str, Array]:
+  """Share of codes used in a batch and the perplexity of the code histogram."""
+  p = counts / jnp.maximum(counts.sum(), 1.0)
+  perplexity = jnp.exp(-jnp.sum(jax.scipy.special.xlogy(p, p)))
+  return {'codebook_usage': jnp.mean(counts > 0), 'perplexity': perplexity}
+
+
+class VectorQuantizer(nn.Module):
+  """Quantizes (B, H, W, D) latents against a (K, D) EMA codebook.
+
+  Attributes:
+    codebook_size: K (paper: 1024).
+    codebook_dim: D (paper: 256).
+    beta: commitment weight (official 0.25).
+    decay: EMA decay (official 0.99).
+    restart_unused: restart dead codes from the batch (official True).
+    axis_name: psum axis for statistics under shard_map/pmap; None under jit.
+  """
+  codebook_size: int = 1024
+  codebook_dim: int = 256
+  beta: float = 0.25
+  decay: float = 0.99
+  restart_unused: bool = True
+  eps: float = 1e-5
+  axis_name: str | None = None
+
+  def setup(self):
+    k, d = self.codebook_size, self.codebook_dim
+    self.embedding = self.variable(
+        'codebook', 'embedding',
+        lambda: jax.random.uniform(self.make_rng('params'), (k, d),
+                                   jnp.float32, -1.0 / k, 1.0 / k))
+    self.cluster_size = self.variable('codebook', 'cluster_size',
+                                      lambda: jnp.zeros((k,), jnp.float32))
+    self.embed_sum = self.variable('codebook', 'embed_sum',
+                                   lambda: self.embedding.value)
+
+  def lookup(self, codes: Array) -> Array:
+    """Code ids (any shape) -> vectors (..., D)."""
+    return jnp.take(self.embedding.value, codes, axis=0)
+
+  def __call__(self, z: Array, weight_mask: Array | None = None,
+               train: bool = False) -> tuple[Array, Array, dict[str, Array]]:
+    """Returns (straight-through quantized z, codes (B, H, W), aux losses).
+
+    Args:
+      z: (B, H, W, D) latents.
+      weight_mask: (B, H, W) per-cell weight of the commitment loss (the code
+        weight mask); None weighs every cell 1.
+      train: update the EMA codebook (needs mutable 'codebook' and, with
+        restarts, a 'restart' rng).
+    """
+    if z.shape[-1] != self.codebook_dim:
+      raise ValueError(f'latent channels {z.shape[-1]} != codebook_dim '
+                       f'{self.codebook_dim}; set z_channels = codebook_dim.')
+    z = z.astype(jnp.float32)
+    flat = z.reshape(-1, self.codebook_dim)
+    codebook = self.embedding.value
+    codes = nearest_codes(flat, codebook)
+    z_q = jnp.take(codebook, codes, axis=0).reshape(z.shape)
+
+    mask = 1.0 if weight_mask is None else weight_mask[..., None]
+    commitment = self.beta * jnp.mean(
+        (jax.lax.stop_gradient(z_q) - z) ** 2 * mask)
+    # The codebook term has no gradient at all (the codebook is an EMA, not a
+    # parameter); it is kept so the logged loss matches the official value.
+    codebook_term = jax.lax.stop_gradient(jnp.mean((z_q - z) ** 2 * mask))
+
+    if train and not self.is_initializing():
+      cluster, embed, counts = ema_update(
+          self.cluster_size.value, self.embed_sum.value,
+          jax.lax.stop_gradient(flat), codes, self.decay, self.axis_name)
+      if self.restart_unused:
+        pool = jax.lax.stop_gradient(flat)
+        if self.axis_name is not None:
+          # Same key and same gathered pool on every device: identical codebooks.
+          pool = jax.lax.all_gather(pool, self.axis_name, tiled=True)
+        cluster, embed = restart_dead_codes(cluster, embed, pool,
+                                            self.make_rng('restart'))
+      self.cluster_size.value = cluster
+      self.embed_sum.value = embed
+      self.embedding.value = codebook_from_ema(cluster, embed, self.eps)
+    else:
+      counts = jax.ops.segment_sum(jnp.ones_like(codes, jnp.float32), codes,
+                                   self.codebook_size)
+      if self.axis_name is not None:
+        counts = jax.lax.psum(counts, self.axis_name)
+
+    z_st = z + jax.lax.stop_gradient(z_q - z)
+    aux = {'q_loss': commitment + codebook_term, 'commitment_loss': commitment,
+           'codebook_loss': codebook_term, **usage_stats(counts)}
+    return z_st, codes.reshape(z.shape[:-1]), aux

@@ -1,0 +1,171 @@
+"""DQ-VAE end to end: parameter counts, shapes, grain maps, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dqvq.models import dqvae
+from dqvq.models import grain as grain_lib
+from dqvq.models import layers
+
+RNGS = {'params': jax.random.key(0), 'gumbel': jax.random.key(1),
+        'restart': jax.random.key(2), 'router': jax.random.key(3)}
+
+
+def _param_count(kwargs, size=256):
+  model = dqvae.DQVAE(**kwargs)
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  shapes = jax.eval_shape(lambda x: model.init(RNGS, x), x)
+  return layers.count_params(shapes['params'])
+
+
+@pytest.mark.parametrize('variant,expected', [
+    ('entropy_dual', 47_571_331),
+    ('feature_dual', 47_836_037),
+    ('triple', 73_748_102),
+])
+def test_parameter_counts_equal_official(variant, expected):
+  kwargs = dqvae.paper_kwargs(variant)
+  if variant == 'entropy_dual':
+    kwargs['entropy_thresholds'] = tuple(np.linspace(1.0, 3.0, 99))
+  assert _param_count(kwargs) == expected
+
+
+def test_codebook_is_not_a_trainable_parameter():
+  model = dqvae.DQVAE(**dqvae.tiny_kwargs())
+  variables = jax.eval_shape(lambda x: model.init(RNGS, x),
+                             jnp.zeros((1, 32, 32, 3)))
+  assert set(variables) == {'params', 'codebook'}
+  assert variables['codebook']['quantize']['embedding'].shape == (64, 32)
+  flat = jax.tree_util.tree_flatten_with_path(variables['params'])[0]
+  assert not any('quantize' in jax.tree_util.keystr(p) for p, _ in flat)
+
+
+@pytest.mark.parametrize('variant', ['feature_dual', 'triple'])
+@pytest.mark.parametrize('size', [64, 128, 256])
+def test_shapes(variant, size):
+  kwargs = dqvae.tiny_kwargs(variant)
+  model = dqvae.DQVAE(**kwargs)
+  x = jax.random.uniform(jax.random.key(0), (2, size, size, 3), minval=-1,
+                         maxval=1)
+
+  def run(x):
+    variables = model.init(RNGS, x)
+    return model.apply(variables, x, train=True, rngs=RNGS,
+                       mutable=['codebook'])[0]
+
+  # Shapes at every size come from tracing; one size also runs for real.
+  out = jax.jit(run)(x) if size == 64 else jax.eval_shape(run, x)
+  coarse = kwargs['grain_factors'][0]
+  fine = size // 8
+  k = len(kwargs['grain_factors'])
+  assert out['reconstruction'].shape == x.shape
+  assert out['codes'].shape == (2, fine, fine)
+  assert out['grain_map'].shape == (2, size // coarse, size // coarse)
+  assert out['gate'].shape == (2, size // coarse, size // coarse, k)
+  assert out['quantized'].shape == (2, fine, fine, kwargs['codebook_dim'])
+  if size != 64:
+    return
+  assert np.all(np.isfinite(np.asarray(out['reconstruction'])))
+  # Code length = sum over regions of codes per region.
+  per = np.asarray(grain_lib.codes_per_region(kwargs['grain_factors']))
+  np.testing.assert_array_equal(out['code_length'],
+                                per[np.asarray(out['grain_map'])].sum((1, 2)))
+
+
+def test_vqgan_single_grain_is_fixed_length():
+  kwargs = dqvae.tiny_kwargs('vqgan')
+  model = dqvae.DQVAE(**kwargs)
+  x = jax.random.uniform(jax.random.key(0), (2, 64, 64, 3), minval=-1, maxval=1)
+  variables = jax.jit(model.init)(RNGS, x)
+  out = jax.jit(model.apply)(variables, x)
+  assert out['codes'].shape == (2, 4, 4)
+  np.testing.assert_array_equal(out['code_length'], [16, 16])
+  assert out['reconstruction'].shape == x.shape
+
+
+@pytest.mark.parametrize('variant', ['feature_dual', 'triple'])
+def test_merged_code_map_one_code_per_region(variant):
+  """A coarse region holds one code repeated over its cells, a fine one may
+  hold f_0^2/f^2 different codes."""
+  kwargs = dqvae.tiny_kwargs(variant)
+  model = dqvae.DQVAE(**kwargs)
+  x = jax.random.uniform(jax.random.key(5), (3, 64, 64, 3), minval=-1, maxval=1)
+  variables = jax.jit(model.init)(RNGS, x)
+  out = jax.jit(model.apply)(variables, x)
+  factors = kwargs['grain_factors']
+  codes = np.asarray(out['codes'])
+  gmap = np.asarray(out['grain_map'])
+  r = factors[0] // factors[-1]
+  for b in range(codes.shape[0]):
+    for i in range(gmap.shape[1]):
+      for j in range(gmap.shape[2]):
+        block = codes[b, i * r:(i + 1) * r, j * r:(j + 1) * r]
+        side = factors[gmap[b, i, j]] // factors[-1]
+        # Each side x side sub-block is constant (one code per cell of its grain).
+        sub = block.reshape(r // side, side, r // side, side)
+        assert np.all(sub == sub[:, :1, :, :1])
+
+
+def test_decode_codes_matches_forward():
+  model = dqvae.DQVAE(**dqvae.tiny_kwargs())
+  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
+  variables = jax.jit(model.init)(RNGS, x)
+  out = jax.jit(model.apply)(variables, x)
+  img = jax.jit(lambda v, c: model.apply(v, c, method=dqvae.DQVAE.decode_codes))(
+      variables, out['codes'])
+  np.testing.assert_allclose(img, out['reconstruction'], atol=1e-5)
+
+
+def test_reconstruction_gradient_reaches_gate():
+  """Paper Eq. 6: the chosen soft score scales the merged features."""
+  model = dqvae.DQVAE(**dqvae.tiny_kwargs())
+  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
+  variables = jax.jit(model.init)(RNGS, x)
+
+  @jax.jit
+  def loss(params):
+    out, _ = model.apply({**variables, 'params': params}, x, train=True,
+                         rngs=RNGS, mutable=['codebook'])
+    return jnp.mean(jnp.abs(out['reconstruction'] - x))
+
+  grads = jax.grad(loss)(variables['params'])
+  gate_grad = grads['grain_router']['gate_2']['linear']['kernel']
+  assert float(jnp.abs(gate_grad).sum()) > 0
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(grain_ratios=(0.6, 0.6)), 'sum to 1'),
+    (dict(router='mystery'), 'Unknown router'),
+    (dict(grain_factors=(8, 16)), 'coarse to fine'),
+    (dict(grain_factors=(16, 6)), 'power of two'),
+    (dict(dec_ch_mult=(1, 2)), 'dec_ch_mult'),
+    (dict(ch_mult=(1, 2, 2, 4)), 'len\\(ch_mult\\)'),
+])
+def test_bad_config_errors(kwargs, match):
+  model = dqvae.DQVAE(**{**dqvae.tiny_kwargs(), **kwargs})
+  with pytest.raises(ValueError, match=match):
+    model.init(RNGS, jnp.zeros((1, 32, 32, 3)))
+
+
+def test_image_size_not_multiple_of_largest_factor():
+  model = dqvae.DQVAE(**dqvae.tiny_kwargs())
+  with pytest.raises(ValueError, match='multiple of the largest'):
+    model.init(RNGS, jnp.zeros((1, 40, 40, 3)))
+
+
+def test_per_call_ratio_needs_parameter_free_router():
+  model = dqvae.DQVAE(**dqvae.tiny_kwargs())
+  x = jnp.zeros((1, 32, 32, 3))
+  variables = jax.eval_shape(lambda x: model.init(RNGS, x), x)
+  with pytest.raises(ValueError, match='entropy or random router'):
+    jax.eval_shape(lambda v: model.apply(v, x, grain_ratios=(0.2, 0.8),
+                                         method=dqvae.DQVAE.encode), variables)
+
+
+def test_missing_entropy_thresholds_file_is_clear():
+  model = dqvae.DQVAE(**{**dqvae.tiny_kwargs('entropy_dual'),
+                         'entropy_thresholds': '/nonexistent/thresholds.json'})
+  with pytest.raises(FileNotFoundError, match='entropy_thresholds'):
+    model.init(RNGS, jnp.zeros((1, 32, 32, 3)))

@@ -1,0 +1,132 @@
+"""Routers and grain merging: Gumbel straight-through, keys, replication."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dqvq.models import grain as grain_lib
+from dqvq.models import router as router_lib
+
+
+def _features(key, batch=2, grid=4, channels=32, factors=(16, 8)):
+  keys = jax.random.split(key, len(factors))
+  return [jax.random.normal(k, (batch, grid * factors[0] // f,
+                                grid * factors[0] // f, channels))
+          for k, f in zip(keys, factors)]
+
+
+def _init_router(factors=(16, 8), gate_type='mlp'):
+  r = router_lib.FeatureRouter(factors, gate_type)
+  feats = _features(jax.random.key(0), factors=factors)
+  params = r.init({'params': jax.random.key(1)}, feats, train=False)
+  return r, params, feats
+
+
+@pytest.mark.parametrize('factors', [(16, 8), (32, 16, 8)])
+@pytest.mark.parametrize('gate_type', ['mlp', 'linear'])
+def test_straight_through_forward_is_one_hot_and_gradient_flows(factors,
+                                                                gate_type):
+  r, params, feats = _init_router(factors, gate_type)
+
+  def f(p):
+    out = r.apply(p, feats, train=True, rngs={'gumbel': jax.random.key(7)})
+    weights = jnp.arange(1.0, len(factors) + 1.0)
+    return jnp.sum(out.gate * weights) + jnp.sum(out.gate_scale), out
+
+  (_, out), grads = jax.value_and_grad(f, has_aux=True)(params)
+  gate = np.asarray(out.gate)
+  assert set(np.unique(gate)) <= {0.0, 1.0}
+  np.testing.assert_array_equal(gate.sum(-1), 1.0)
+  np.testing.assert_array_equal(np.argmax(gate, -1), out.grain_map)
+  np.testing.assert_allclose(out.gate_scale, 1.0, atol=1e-6)
+  last = 'gate_2' if gate_type == 'mlp' else 'gate_0'
+  g = np.asarray(grads['params'][last]['linear']['kernel'])
+  assert np.all(np.isfinite(g)) and np.abs(g).sum() > 0
+
+
+def test_gumbel_st_gradient_is_softmax_gradient():
+  logits = jnp.array([[0.3, -0.2, 0.1]])
+  key = jax.random.key(3)
+  noise = jax.random.gumbel(key, logits.shape)
+  w = jnp.array([1.0, 2.0, 5.0])
+  g_st = jax.grad(lambda l: jnp.sum(
+      router_lib.gumbel_straight_through(l, key, 0.5)[1] * w))(logits)
+  g_soft = jax.grad(lambda l: jnp.sum(
+      jax.nn.softmax((l + noise) / 0.5) * w))(logits)
+  np.testing.assert_allclose(g_st, g_soft, rtol=1e-5)
+
+
+def test_same_key_same_gate_different_key_different_noise_eval_no_noise():
+  r, params, feats = _init_router()
+  run = lambda k: r.apply(params, feats, train=True,
+                          rngs={'gumbel': jax.random.key(k)})
+  a, b, c = run(1), run(1), run(2)
+  np.testing.assert_array_equal(a.grain_map, b.grain_map)
+  np.testing.assert_array_equal(a.gate, b.gate)
+  # Different noise: with 32 regions, the soft gradients/decisions differ.
+  ga = jax.grad(lambda p: jnp.sum(r.apply(p, feats, train=True, rngs={
+      'gumbel': jax.random.key(1)}).gate[..., 1]))(params)
+  gc = jax.grad(lambda p: jnp.sum(r.apply(p, feats, train=True, rngs={
+      'gumbel': jax.random.key(2)}).gate[..., 1]))(params)
+  assert not np.allclose(ga['params']['gate_2']['linear']['kernel'],
+                         gc['params']['gate_2']['linear']['kernel'])
+  # Eval: deterministic argmax of the logits, needs no rng, no gate_scale.
+  e1 = r.apply(params, feats, train=False)
+  np.testing.assert_array_equal(e1.grain_map, np.argmax(e1.logits, -1))
+  assert e1.gate_scale is None
+  del c
+
+
+def test_router_concatenates_coarse_first_after_pooling():
+  """The gate sees [coarse, avgpool(fine)]: shifting fine features inside a
+  region (pooling-invariant) leaves the logits unchanged."""
+  r, params, feats = _init_router()
+  coarse, fine = feats
+  swapped = fine.reshape(2, 4, 2, 4, 2, 32)[:, :, ::-1, :, ::-1].reshape(fine.shape)
+  a = r.apply(params, [coarse, fine], train=False).logits
+  b = r.apply(params, [coarse, swapped], train=False).logits
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('factors', [(16, 8), (32, 16, 8)])
+def test_replication_puts_coarse_feature_on_whole_region(factors):
+  feats = _features(jax.random.key(4), factors=factors)
+  key = jax.random.key(9)
+  gmap = jax.random.randint(key, (2, 4, 4), 0, len(factors))
+  merged = np.asarray(grain_lib.merge_grains(feats, gmap, factors))
+  r = factors[0] // factors[-1]
+  for b in range(2):
+    for i in range(4):
+      for j in range(4):
+        k = int(gmap[b, i, j])
+        side = factors[k] // factors[-1]
+        src = np.asarray(feats[k])
+        for y in range(r):
+          for x in range(r):
+            fy, fx = i * r + y, j * r + x
+            np.testing.assert_array_equal(
+                merged[b, fy, fx], src[b, fy // side, fx // side])
+
+
+def test_code_weight_mask_values():
+  gmap = jnp.array([[[0, 1], [2, 0]]])
+  mask = np.asarray(grain_lib.code_weight_mask(gmap, (32, 16, 8)))
+  assert mask.shape == (1, 8, 8)
+  np.testing.assert_allclose(mask[0, :4, :4], 1 / 16)
+  np.testing.assert_allclose(mask[0, :4, 4:], 1 / 4)
+  np.testing.assert_allclose(mask[0, 4:, :4], 1.0)
+  # Each distinct code weighs 1: a region's mask sums to its number of codes.
+  np.testing.assert_allclose(
+      [mask[0, :4, :4].sum(), mask[0, :4, 4:].sum(), mask[0, 4:, :4].sum()],
+      grain_lib.codes_per_region((32, 16, 8)))
+
+
+def test_random_router_exact_shares_and_reproducible():
+  r = router_lib.RandomRouter((16, 8), (0.75, 0.25))
+  out = r.apply({}, 4, (4, 4), rngs={'router': jax.random.key(0)})
+  again = r.apply({}, 4, (4, 4), rngs={'router': jax.random.key(0)})
+  other = r.apply({}, 4, (4, 4), rngs={'router': jax.random.key(1)})
+  np.testing.assert_array_equal(np.asarray(out.grain_map).sum((1, 2)), [4] * 4)
+  np.testing.assert_array_equal(out.grain_map, again.grain_map)
+  assert not np.array_equal(out.grain_map, other.grain_map)
