@@ -23,3 +23,12 @@ def pytest_configure(config):
 @pytest.fixture(scope='session')
 def num_devices() -> int:
   return jax.device_count()
+
+
+@pytest.fixture(scope='session')
+def demo_data_dir(tmp_path_factory) -> str:
+  """A TFDS data dir holding the embedded demo dataset, built once."""
+  from dqvq.data import demo  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  demo.load_demo(data_dir)
+  return data_dir

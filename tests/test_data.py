@@ -19,11 +19,8 @@ RES = 16
 
 
 @pytest.fixture(scope='session')
-def demo_dir(tmp_path_factory) -> str:
-  """The demo dataset, built once per session."""
-  data_dir = str(tmp_path_factory.mktemp('tfds'))
-  demo.load_demo(data_dir)
-  return data_dir
+def demo_dir(demo_data_dir) -> str:
+  return demo_data_dir
 
 
 def demo_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:

@@ -66,8 +66,8 @@ import numpy as np
 
 from dqvq.data import sources as sources_lib
 from dqvq.data import transforms
+from dqvq.sharding import BATCH_AXES
 
-BATCH_AXES = ('data', 'fsdp')
 # Consecutive undecodable records after which the data, not one file, is
 # broken: without a limit an infinite train stream would hang silently.
 MAX_CONSECUTIVE_SKIPS = 1000

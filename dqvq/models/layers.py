@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dqvq.models import fast_conv
+
 Array = jax.Array
 Dtype = Any
 
@@ -96,7 +98,9 @@ class Conv(nn.Module):
         padding=pad, use_bias=self.use_bias,
         kernel_init=self.kernel_init or torch_kernel_init,
         bias_init=torch_bias_init(fan_in), dtype=self.dtype,
-        param_dtype=jnp.float32, name='conv')(x)
+        param_dtype=jnp.float32,
+        # On CPU, a much faster weight gradient (see fast_conv); elsewhere XLA's.
+        conv_general_dilated=fast_conv.conv_general_dilated, name='conv')(x)
 
 
 class Dense(nn.Module):

@@ -1,0 +1,379 @@
+"""Checkpoints for both training stages: Orbax manager, restore, preemption.
+
+What a checkpoint holds (one Orbax step directory, `<workdir>/checkpoints/N`):
+  state: the train-state pytree (StandardSave: sharded jax.Arrays are written
+    by the processes that own their shards, so nothing is gathered to one
+    device or host);
+  data:  the grain iterator position (`grain.checkpoint.CheckpointHandler`,
+    one small JSON file per process, since each host reads its own shard);
+  meta:  JSON with the step, the config, wall time and the caller's metrics.
+
+Why this layout, and what it guarantees:
+- Saves are asynchronous: the device->host copy blocks the step, the file
+  writes run in the background, and Orbax waits for the previous save before
+  starting the next one (and we wait again before exit).
+- Orbax commits a step atomically. On POSIX disks it writes
+  `N.orbax-checkpoint-tmp-<timestamp>/`, puts `commit_success.txt` inside and
+  renames it to `N/`; on GCS it writes `N/` in place and `commit_success.txt`
+  last. Unfinished steps are invisible to `all_steps()`. A step that committed
+  but was damaged later (disk trouble, a partial copy) is caught at restore:
+  `restore_latest` falls back to older steps, with a warning naming each bad
+  one.
+- Retention: the last `keep` steps, plus the `keep_best` best steps by
+  `best_metric`, so a good validation checkpoint survives a later regression.
+- A non-finite loss must never replace a good checkpoint: the loop calls
+  `check_finite` before `maybe_save`, and `maybe_save` refuses a state with
+  non-finite floats as well.
+- Multi-host: every process must call `maybe_save`, `restore_latest` and
+  `close` with the same arguments; Orbax runs the barriers and lets only the
+  primary host write the shared files. Never guard these calls with
+  `jax.process_index() == 0`: the other hosts' shards would never be written
+  and the barrier would hang.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any, Mapping, Sequence
+
+from absl import logging
+from etils import epath
+import grain
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocp_managers
+
+# Re-exported so that the training loop needs only this module.
+# pylint: disable=g-importing-member,unused-import
+from dqvq.run_guards import check_finite
+from dqvq.run_guards import install_preemption_handler
+from dqvq.run_guards import NonFiniteLossError
+from dqvq.run_guards import nonfinite_leaves
+from dqvq.run_guards import preemption_requested
+from dqvq.run_guards import reset_preemption_request
+# pylint: enable=g-importing-member,unused-import
+
+PyTree = Any
+
+
+class CheckpointRestoreError(RuntimeError):
+  """Every checkpoint step that exists failed to restore."""
+
+
+def abstract_state_of(tree: PyTree) -> PyTree:
+  """ShapeDtypeStructs with shardings for every array leaf of `tree`.
+
+  Restoring into these puts each shard straight onto its devices. Usually
+  the loop builds the same thing without materialising the state, with
+  `jax.eval_shape` and the shardings it plans to use.
+  """
+  def leaf(x):
+    if isinstance(x, jax.Array):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return x
+  return jax.tree.map(leaf, tree)
+
+
+def _jsonable(tree: Any) -> Any:
+  """A JSON-safe copy: numpy/jax scalars to python, unknown objects to str."""
+  def default(x):
+    if isinstance(x, (np.ndarray, np.generic, jax.Array)):
+      return np.asarray(x).tolist()
+    if hasattr(x, 'to_dict'):  # ml_collections.ConfigDict
+      return x.to_dict()
+    return str(x)
+  return json.loads(json.dumps(tree, default=default, allow_nan=True))
+
+
+class Checkpointer:
+  """Saves and restores the train state, data position and metadata.
+
+  Typical loop (every process runs all of it, with the same arguments):
+
+    ckpt = Checkpointer(workdir, save_every=1000, config=config,
+                        best_metric='val/rec_loss', best_mode='min')
+    install_preemption_handler()
+    restored = ckpt.restore_latest(abstract_state, data_iter)
+    state, step = (restored[0], restored[1]) if restored else (init(), 0)
+    while step < num_steps:
+      state, metrics = train_step(state, next(data_iter))
+      step += 1
+      if ckpt.should_stop(step):
+        break
+      if ckpt.save_due(step):  # fetch metrics to the host only when needed
+        host_metrics = jax.device_get(metrics)
+        check_finite(step, host_metrics, ckpt.latest_step())
+        ckpt.maybe_save(step, state, data_iter, host_metrics)
+    ckpt.maybe_save(step, state, data_iter, force=True)  # no-op if saved
+    ckpt.close()
+  """
+
+  def __init__(self, workdir: str | epath.PathLike, *, save_every: int,
+               keep: int = 3, best_metric: str | None = None,
+               best_mode: str = 'min', keep_best: int = 1,
+               config: Any = None, async_save: bool = True,
+               check_state_finite: bool = True, stop_sync_every: int = 1):
+    """Opens (or creates) `<workdir>/checkpoints`.
+
+    Args:
+      workdir: the run directory; checkpoints live in its `checkpoints/`.
+      save_every: save when `step % save_every == 0` (0: only forced saves).
+      keep: how many of the most recent steps to keep.
+      best_metric: metric name (a key of the `metrics` passed to `maybe_save`)
+        whose best `keep_best` steps are kept even when older than `keep`;
+        steps saved without it never count as best. None: latest only.
+      best_mode: 'min' or 'max' for `best_metric`.
+      keep_best: how many best steps to keep.
+      config: the run config (dict or ConfigDict), stored in every `meta`.
+      async_save: write files in the background (the default; off makes
+        every save blocking, which is simpler to debug).
+      check_state_finite: refuse to save a state with NaN/inf floats.
+      stop_sync_every: on multi-host jobs without JAX's preemption service,
+        `should_stop(step)` agrees on the local signal flags with a host
+        all-gather every this many steps (each is a small host sync).
+    """
+    if best_mode not in ('min', 'max'):
+      raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}.")
+    if keep < 1:
+      raise ValueError(f'keep must be >= 1 to resume at all, got {keep}.')
+    if save_every < 0:
+      raise ValueError(f'save_every must be >= 0, got {save_every}.')
+    self.directory = epath.Path(workdir) / 'checkpoints'
+    self.save_every = save_every
+    self.best_metric = best_metric
+    self.best_mode = best_mode
+    self.check_state_finite = check_state_finite
+    self.stop_sync_every = max(1, stop_sync_every)
+    self._config = _jsonable(config) if config is not None else None
+    self._start_time = time.time()
+
+    policies = [ocp_managers.LatestN(n=keep)]
+    metric_of = None
+    if best_metric is not None:
+      worst = math.inf if best_mode == 'min' else -math.inf
+
+      def metric_of(metrics: Mapping[str, Any]) -> float:
+        value = (metrics or {}).get(best_metric)
+        if value is None or not math.isfinite(float(value)):
+          return worst
+        return float(value)
+
+      # BestN keeps the last n after sorting; reverse=True puts the smallest
+      # last, which is what 'min' wants.
+      policies.append(ocp_managers.BestN(
+          get_metric_fn=metric_of, reverse=(best_mode == 'min'), n=keep_best,
+          keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp_managers.AnyPreservationPolicy(policies),
+        # best_fn does not choose what is kept (the policy does) but Orbax
+        # only writes the per-step metrics file, which the policy needs after
+        # a restart, and answers best_step(), when it is set.
+        best_fn=metric_of, best_mode=best_mode,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,  # leftovers of saves killed mid-write
+        create=True)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={
+            'state': ocp.StandardCheckpointHandler(),
+            'data': grain.checkpoint.CheckpointHandler(),
+            'meta': ocp.JsonCheckpointHandler(),
+        })
+
+  # -- passthroughs ---------------------------------------------------------
+
+  def all_steps(self) -> list[int]:
+    """Committed steps, ascending (unfinished tmp directories excluded)."""
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The best step by `best_metric` (the latest if none is configured)."""
+    return self._manager.best_step()
+
+  def wait_until_finished(self) -> None:
+    """Blocks until the background writes of the last save are committed."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending writes, then releases the manager's threads."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  # -- saving ---------------------------------------------------------------
+
+  def save_due(self, step: int) -> bool:
+    """Whether `maybe_save(step, ...)` without force would write."""
+    latest = self.latest_step()
+    if latest is not None and step <= latest:
+      return False
+    return ((self.save_every > 0 and step % self.save_every == 0) or
+            self._manager.reached_preemption(step))
+
+  def maybe_save(self, step: int, state: PyTree, data_iter: Any = None,
+                 metrics: Mapping[str, Any] | None = None, force: bool = False,
+                 extra: Mapping[str, Any] | None = None) -> bool:
+    """Saves when `step` is due (or `force`); returns whether it saved.
+
+    A step at or below the latest saved one is never rewritten (Orbax does not
+    overwrite), which makes the final forced save after a periodic one, or
+    after a preemption save, a no-op.
+
+    Args:
+      step: the number of completed training steps the state reflects.
+      state: pytree of jax.Arrays (sharded or not) and numpy/python scalars.
+      data_iter: grain DatasetIterator whose position is saved with the state.
+      metrics: host scalars stored in meta; `best_metric` is read from it.
+      force: save even off the `save_every` grid (end of run, preemption).
+      extra: more JSON-able metadata for `meta`.
+
+    Raises:
+      NonFiniteLossError: `metrics` or the state hold NaN/inf; nothing saved.
+    """
+    latest = self.latest_step()
+    if latest is not None and step <= latest:
+      return False
+    if not force and not self.save_due(step):
+      return False
+    metrics = _jsonable(dict(metrics or {}))
+    check_finite(step, {k: v for k, v in metrics.items()
+                        if isinstance(v, (int, float))}, latest)
+    if self.check_state_finite:
+      bad = nonfinite_leaves(state)
+      if bad:
+        raise NonFiniteLossError(step, [f'state{b}' for b in bad], latest)
+    meta = {
+        'step': int(step),
+        'time': time.time(),
+        'elapsed_s': time.time() - self._start_time,
+        'config': self._config,
+        'metrics': metrics,
+        **_jsonable(dict(extra or {})),
+    }
+    items = {'state': ocp.args.StandardSave(state),
+             'meta': ocp.args.JsonSave(meta)}
+    if data_iter is not None:
+      items['data'] = grain.checkpoint.CheckpointSave(data_iter)
+    # Orbax waits for the previous async save before starting this one.
+    saved = self._manager.save(step, args=ocp.args.Composite(**items),
+                               metrics=metrics, force=True)
+    if saved:
+      logging.info('Checkpoint at step %d started (%s).', step,
+                   'async' if self._manager.is_saving_in_progress()
+                   else 'done')
+    return saved
+
+  # -- stopping -------------------------------------------------------------
+
+  def should_stop(self, step: int | None = None) -> bool:
+    """True once the job should save and exit (SIGTERM, preemption notice).
+
+    Call it every step with the step number on every host: on multi-host
+    jobs JAX's preemption sync point is a collective decision that only
+    becomes True for all hosts at the same step. A locally trapped signal is
+    used as is on a single host; with several hosts and no preemption
+    service, the hosts OR their flags so that they stop at the same step.
+    """
+    if step is not None and self._manager.reached_preemption(step):
+      return True
+    local = preemption_requested()
+    if jax.process_count() == 1:
+      return local
+    if step is not None and step % self.stop_sync_every:
+      return False
+    flags = multihost_utils.process_allgather(np.array(local))
+    return bool(np.any(flags))
+
+  # -- restoring ------------------------------------------------------------
+
+  def restore_latest(self, abstract_state: PyTree, data_iter: Any = None
+                     ) -> tuple[PyTree, int, dict[str, Any]] | None:
+    """Restores the newest step that reads back, or None if there is none.
+
+    Arrays go straight into the shardings of `abstract_state` (a pytree of
+    `jax.ShapeDtypeStruct` with `.sharding`, e.g. `jax.eval_shape` output with
+    shardings attached), which may differ from the saved ones. `data_iter` is
+    restored in place. A step that fails to read (missing or truncated files)
+    is skipped with a warning and the previous one tried.
+
+    Raises:
+      CheckpointRestoreError: steps exist but none could be restored.
+    """
+    unplaced = [jax.tree_util.keystr(path) for path, x in
+                jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+                if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None]
+    if unplaced:
+      # Orbax would put these whole on the default device (and fail on
+      # multi-host), which is what restoring into shardings is meant to avoid.
+      logging.warning('Restoring %d leaves without a sharding onto the '
+                      'default device (e.g. %s); attach the shardings of the '
+                      'train step to the abstract state.', len(unplaced),
+                      unplaced[:3])
+    # A save of this process may still be in flight; another process may
+    # have written since __init__.
+    self._manager.wait_until_finished()
+    self._manager.reload()
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
+      return None
+    failures = {}
+    for step in steps:
+      try:
+        state, meta = self._restore_step(step, abstract_state, data_iter)
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        failures[step] = f'{type(e).__name__}: {e}'
+        logging.warning('Checkpoint step %d in %s is unreadable (%s); trying '
+                        'an older step.', step, self.directory,
+                        failures[step][:500])
+        continue
+      if failures:
+        self._quarantine(sorted(failures))
+        logging.warning('Resumed from step %d; skipped unreadable step(s) %s.',
+                        step, sorted(failures))
+      return state, step, meta
+    raise CheckpointRestoreError(
+        f'No checkpoint in {self.directory} could be restored. Tried (newest '
+        'first):\n  ' + '\n  '.join(
+            f'step {s}: {err[:500]}' for s, err in failures.items()) +
+        '\nCheck that the state structure matches the config the run was '
+        'started with, or move the damaged step directories away to start '
+        'over.')
+
+  def _quarantine(self, steps: Sequence[int]) -> None:
+    """Renames unreadable steps out of Orbax's sight, keeping their files.
+
+    Left in place, a bad step would stay `latest_step()`, so the resumed run
+    could not save again until it passed that step, and the next restart
+    would stumble over it again. The new name (`N.unreadable-<time>`) does
+    not parse as a step, so Orbax ignores it; nothing is deleted.
+    """
+    if jax.process_index() == 0:
+      stamp = int(time.time())
+      for step in steps:
+        src = self.directory / str(step)
+        dst = self.directory / f'{step}.unreadable-{stamp}'
+        if src.exists():
+          src.rename(dst)
+          logging.warning('Moved unreadable checkpoint %s to %s.', src, dst)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('dqvq_checkpoint_quarantine')
+    self._manager.reload()
+
+  def _restore_step(self, step: int, abstract_state: PyTree, data_iter: Any
+                    ) -> tuple[PyTree, dict[str, Any]]:
+    items = {'state': ocp.args.StandardRestore(abstract_state),
+             'meta': ocp.args.JsonRestore()}
+    if data_iter is not None:
+      if (self.directory / str(step) / 'data').exists():
+        items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
+      else:
+        logging.warning('Step %d has no data-iterator state; the input '
+                        'pipeline starts from its beginning.', step)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return restored['state'], dict(restored['meta'] or {})

@@ -1,0 +1,174 @@
+"""Shared config building blocks and validation for `configs/*.py`.
+
+Config files call `stage1_config()` and override what differs, so every field
+exists (with a comment) in one place; `validate_config` runs before anything
+is compiled and names the field to change for each problem it finds.
+
+Config arguments (`--config configs/x.py:ARG`) are comma-separated options:
+`runlocal` (tiny model and data for CPU tests), a model variant name
+(`triple`, `entropy`, `random`, `vqgan`), and `key=value` pairs such as
+`ratio=0.3` (the fine share r_fine of a dual model).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from dqvq.data import sources as data_sources
+from dqvq.models import dqvae
+from dqvq.trainers import common
+
+VARIANTS = {'feature': 'feature_dual', 'dual': 'feature_dual',
+            'entropy': 'entropy_dual', 'triple': 'triple', 'vqgan': 'vqgan',
+            'random': 'feature_dual'}
+
+
+def parse_arg(arg: str | None) -> dict[str, Any]:
+  """'runlocal,triple,ratio=0.3' -> {'runlocal': True, 'variant': 'triple',
+  'ratio': 0.3}."""
+  opts: dict[str, Any] = {'runlocal': False, 'variant': None}
+  for part in filter(None, (p.strip() for p in (arg or '').split(','))):
+    if '=' in part:
+      k, v = part.split('=', 1)
+      try:
+        opts[k] = float(v) if '.' in v else int(v)
+      except ValueError:
+        opts[k] = v
+    elif part == 'runlocal':
+      opts['runlocal'] = True
+    elif part in VARIANTS:
+      opts['variant'] = part
+    else:
+      raise ValueError(f'Unknown config argument {part!r}; use runlocal, one of '
+                       f'{sorted(VARIANTS)}, or key=value (e.g. ratio=0.3).')
+  return opts
+
+
+def model_config(variant: str | None, runlocal: bool,
+                 ratio: float | None = None) -> ml_collections.ConfigDict:
+  """`config.model`: the paper's model, or its toy-width twin for runlocal."""
+  name = VARIANTS[variant or 'feature']
+  kw = dqvae.tiny_kwargs(name) if runlocal else dqvae.paper_kwargs(name)
+  if variant == 'random':
+    kw['router'] = 'random'
+  if ratio is not None:
+    if len(kw['grain_factors']) != 2:
+      raise ValueError('ratio= sets r_fine of a dual model; for the triple '
+                       'model set config.model.grain_ratios directly.')
+    kw['grain_ratios'] = (1.0 - ratio, ratio)
+  return ml_collections.ConfigDict(kw)
+
+
+def stage1_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Every stage-1 field, with the paper's ImageNet settings as defaults."""
+  opts = parse_arg(arg)
+  c = ml_collections.ConfigDict()
+  c.stage = 1
+  c.seed = 2021                       # official seed_everything(2021)
+  c.model = model_config(opts['variant'], opts['runlocal'], opts.get('ratio'))
+  c.compute_dtype = 'float32'         # or 'bfloat16' (params stay float32)
+
+  c.data = ml_collections.ConfigDict(dict(
+      name='imagenet2012', data_dir=os.path.expanduser('~/tensorflow_datasets'),
+      image_folder_root='', image_folder_train_list='',
+      image_folder_eval_list='', image_folder_val_fraction=0.05,
+      image_folder_validate=True, resolution=256, train_split='train',
+      eval_split='validation', num_workers=0, read_threads=8))
+  c.batch_size = 240                  # global; official 30 per GPU x 8 GPUs
+  c.eval_batch_size = 240
+  c.num_train_steps = 266_912         # official: 50 epochs at batch 240
+  c.num_eval_batches = 0              # 0: the whole eval split
+
+  c.loss = ml_collections.ConfigDict(dict(
+      perceptual_weight=1.0, lpips_dropout=0.0, codebook_weight=1.0,
+      disc_weight=1.0, disc_weight_max=0.75, disc_start=0,
+      budget_kind='official', budget_weight=10.0))
+  c.lpips_weights = ''                # dir from `python -m dqvq.convert lpips`,
+  #                                     or 'random' (tests only)
+  c.disc = ml_collections.ConfigDict(dict(ndf=64, n_layers=3))
+  c.optim = ml_collections.ConfigDict(dict(
+      base_learning_rate=4.5e-6, scale_lr_by_batch=True, b1=0.5, b2=0.9,
+      eps=1e-8, warmup_steps=534, min_lr_multiplier=0.0, grad_clip_norm=0.0))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+
+  c.log_every = 50
+  c.eval_every = 5000
+  c.image_every = 1000
+  c.checkpoint_every = 2000
+  c.keep_checkpoints = 3
+  c.best_metric = 'val/l1_loss'       # kept besides the last K; mode 'min'
+  c.num_images = 8                    # examples in image summaries
+  if opts['runlocal']:
+    runlocal(c)
+  return c
+
+
+def runlocal(c: ml_collections.ConfigDict) -> None:
+  """Tiny shapes and steps for CPU tests, on the embedded demo data."""
+  c.data.name = 'dqvq_demo'
+  c.data.data_dir = os.environ.get('DQVQ_DATA_DIR', c.data.data_dir)
+  c.data.resolution = 32
+  c.data.read_threads = 2
+  c.batch_size = 8
+  c.eval_batch_size = 8
+  c.num_train_steps = 2
+  c.num_eval_batches = 1
+  c.loss.perceptual_weight = 1.0
+  c.lpips_weights = 'random'
+  c.disc.ndf = 8
+  c.disc.n_layers = 2
+  c.optim.warmup_steps = 1
+  c.log_every = 1
+  c.eval_every = 2
+  c.image_every = 2
+  c.checkpoint_every = 1
+  c.num_images = 2
+
+
+def validate_config(c: ml_collections.ConfigDict,
+                    num_devices: int | None = None) -> None:
+  """Every check that can fail before compiling, with the fix in the message."""
+  num_devices = num_devices or jax.device_count()
+  if c.stage not in (1, 2):
+    raise ValueError(f'config.stage={c.stage}; it must be 1 or 2.')
+  model = common.build_dqvae(c.model) if c.stage == 1 else None
+  if model is not None:
+    model.validate()
+    res = c.data.resolution
+    if res % model.grain_factors[0]:
+      raise ValueError(
+          f'config.data.resolution={res} is not a multiple of the largest '
+          f'grain factor {model.grain_factors[0]}; use e.g. '
+          f'{max(model.grain_factors[0], res - res % model.grain_factors[0])}.')
+    if c.loss.perceptual_weight > 0 and not c.lpips_weights:
+      raise ValueError(
+          'config.lpips_weights is empty but loss.perceptual_weight > 0: set it '
+          'to the directory made by `python -m dqvq.convert lpips --vgg16 ... '
+          "--lin ... --out DIR`, or to 'random' for an untrained LPIPS, or set "
+          'loss.perceptual_weight=0.')
+    if (c.lpips_weights not in ('', 'random') and c.loss.perceptual_weight > 0
+        and not os.path.isdir(c.lpips_weights)):
+      raise FileNotFoundError(
+          f'config.lpips_weights={c.lpips_weights!r} does not exist; create it '
+          'with `python -m dqvq.convert lpips --vgg16 vgg16-397923af.pth --lin '
+          'vgg.pth --out DIR`.')
+  per_step = c.mesh.data * c.mesh.fsdp if -1 not in (c.mesh.data, c.mesh.fsdp) \
+      else num_devices
+  if per_step != num_devices:
+    raise ValueError(f'config.mesh data={c.mesh.data} x fsdp={c.mesh.fsdp} does '
+                     f'not use the {num_devices} devices; use -1 for one axis.')
+  for field in ('batch_size', 'eval_batch_size'):
+    size = c[field]
+    if size <= 0 or size % num_devices:
+      raise ValueError(
+          f'config.{field}={size} is not divisible by the {num_devices} '
+          f'devices; use a multiple of {num_devices} (e.g. '
+          f'{max(num_devices, size - size % num_devices)}).')
+  for field in ('num_train_steps', 'log_every', 'checkpoint_every'):
+    if c[field] <= 0:
+      raise ValueError(f'config.{field} must be positive, got {c[field]}.')
+  data_sources.validate_data_config(c.data)

@@ -1,0 +1,242 @@
+"""Stage 1: training DQ-VAE with its GAN, one jitted step per batch.
+
+One step = one generator forward, reused for both updates (the official
+Lightning module runs the forward twice, so it draws the Gumbel noise and
+updates the EMA codebook twice per batch; we do each once):
+
+  1. generator loss nll + lambda_adv * g + L_q + L_budget, its gradient, Adam;
+  2. the EMA codebook state that the same forward produced;
+  3. discriminator hinge loss on (x, sg(x_hat)), its gradient, Adam.
+
+The discriminator therefore sees the reconstruction of the pre-update
+generator (the official sees the post-update one); both are valid GAN
+alternations and this one halves the cost.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from dqvq import losses
+from dqvq.models import discriminator as disc_lib
+from dqvq.models import dqvae
+from dqvq.models import perceptual
+from dqvq.trainers import common
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class Stage1State:
+  """Everything a step changes; one pytree, donated to the step."""
+  step: Array
+  params: Any          # DQ-VAE 'params'
+  codebook: Any        # DQ-VAE 'codebook' (EMA state, not trained by grads)
+  opt_state: Any
+  disc_params: Any
+  disc_batch_stats: Any
+  disc_opt_state: Any
+  rng: Array
+
+
+@flax.struct.dataclass
+class Stage1Models:
+  """Static modules and frozen weights for the step (closed over, not state)."""
+  vae: dqvae.DQVAE = flax.struct.field(pytree_node=False)
+  disc: disc_lib.NLayerDiscriminator | None = flax.struct.field(
+      pytree_node=False)
+  lpips: perceptual.LPIPS | None = flax.struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  disc_tx: optax.GradientTransformation | None = flax.struct.field(
+      pytree_node=False)
+  config: Any = flax.struct.field(pytree_node=False)
+
+
+def uses_gan(config: ml_collections.ConfigDict) -> bool:
+  return config.loss.disc_weight > 0
+
+
+def uses_lpips(config: ml_collections.ConfigDict) -> bool:
+  return config.loss.perceptual_weight > 0
+
+
+def build_models(config: ml_collections.ConfigDict) -> Stage1Models:
+  dtype = common.compute_dtype(config)
+  vae = common.build_dqvae(config.model, dtype)
+  schedule = common.learning_rate_schedule(config)
+  tx = common.adam(config, schedule)
+  disc = disc_tx = lpips = None
+  if uses_gan(config):
+    disc = disc_lib.NLayerDiscriminator(
+        ndf=config.disc.ndf, n_layers=config.disc.n_layers, dtype=dtype)
+    disc_tx = common.adam(config, schedule)
+  if uses_lpips(config):
+    lpips = perceptual.LPIPS(dropout=config.loss.lpips_dropout, dtype=dtype)
+  return Stage1Models(vae, disc, lpips, tx, disc_tx, config)
+
+
+def init_state(models: Stage1Models, rng: Array,
+               image_shape: tuple[int, ...]) -> Stage1State:
+  """Fresh state; jit it with out_shardings to create it sharded."""
+  init_rng, disc_rng, state_rng = jax.random.split(rng, 3)
+  x = jnp.zeros(image_shape, jnp.float32)
+  variables = models.vae.init(
+      {'params': init_rng, 'gumbel': init_rng, 'restart': init_rng,
+       'router': init_rng, 'dropout': init_rng}, x)
+  params = variables['params']
+  disc_params = disc_stats = disc_opt = {}
+  if models.disc is not None:
+    dv = models.disc.init(disc_rng, x, train=False)
+    disc_params, disc_stats = dv['params'], dv.get('batch_stats', {})
+    disc_opt = models.disc_tx.init(disc_params)
+  return Stage1State(
+      step=jnp.zeros((), jnp.int32), params=params,
+      codebook=variables['codebook'], opt_state=models.tx.init(params),
+      disc_params=disc_params, disc_batch_stats=disc_stats,
+      disc_opt_state=disc_opt, rng=state_rng)
+
+
+def _rngs(state: Stage1State) -> dict[str, Array]:
+  """Per-step named streams from one base key: fold_in(key, step)."""
+  keys = jax.random.split(jax.random.fold_in(state.rng, state.step), 4)
+  return dict(zip(('gumbel', 'restart', 'router', 'dropout'), keys))
+
+
+def train_step(models: Stage1Models, state: Stage1State,
+               batch: dict[str, Array], lpips_params: Any
+               ) -> tuple[Stage1State, dict[str, Array]]:
+  """One generator + discriminator update from a single generator forward."""
+  cfg = models.config
+  x = batch['image']
+  rngs = _rngs(state)
+  gan = models.disc is not None
+  factor = losses.disc_factor(state.step, cfg.loss.disc_start)
+
+  def rec_loss(x_hat):
+    nll = losses.l1_loss(x, x_hat)
+    if models.lpips is not None:
+      p = models.lpips.apply({'params': lpips_params}, x, x_hat,
+                             train=cfg.loss.lpips_dropout > 0,
+                             rngs={'dropout': rngs['dropout']})
+      nll = nll + cfg.loss.perceptual_weight * jnp.mean(p)
+    return nll
+
+  def disc_logits(params, stats, images):
+    logits, new = models.disc.apply(
+        {'params': params, 'batch_stats': stats}, images, train=True,
+        mutable=['batch_stats'])
+    return logits.astype(jnp.float32), new['batch_stats']
+
+  def generator_loss(params):
+    out, new_vars = models.vae.apply(
+        {'params': params, 'codebook': state.codebook}, x, train=True,
+        rngs=rngs, mutable=['codebook'])
+    x_hat = out['reconstruction']
+    nll = rec_loss(x_hat)
+    total = nll + cfg.loss.codebook_weight * out['q_loss']
+    budget = losses.budget_loss(
+        out['gate'], models.vae.grain_factors, models.vae.grain_ratios,
+        cfg.loss.budget_kind if models.vae.router == 'feature' else 'none',
+        cfg.loss.budget_weight)
+    total = total + budget
+    metrics = {'rec_loss': nll, 'l1_loss': losses.l1_loss(x, x_hat),
+               'q_loss': out['q_loss'], 'budget_loss': budget,
+               'commitment_loss': out['commitment_loss'],
+               'codebook_usage': out['codebook_usage'],
+               'perplexity': out['perplexity'],
+               'code_length': jnp.mean(out['code_length'].astype(jnp.float32))}
+    for k in range(1, models.vae.num_grains):
+      metrics[f'ratio_grain{k}'] = jnp.mean(out['gate'][..., k])
+    if gan:
+      g_fn = lambda y: losses.hinge_g_loss(
+          disc_logits(state.disc_params, state.disc_batch_stats, y)[0])
+      g = g_fn(x_hat)
+      weight = losses.adaptive_gan_weight(
+          x_hat, out['decoder_features'], rec_loss, g_fn,
+          cfg.loss.disc_weight, cfg.loss.disc_weight_max)
+      total = total + weight * factor * g
+      metrics.update(g_loss=g, adaptive_weight=weight)
+    metrics['loss'] = total
+    return total, (metrics, new_vars['codebook'], x_hat)
+
+  grads, (metrics, codebook, x_hat) = jax.grad(
+      generator_loss, has_aux=True)(state.params)
+  updates, opt_state = models.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics['grad_norm'] = optax.global_norm(grads)
+  metrics['learning_rate'] = common.learning_rate_schedule(cfg)(state.step)
+
+  disc_params, disc_stats, disc_opt = (state.disc_params,
+                                       state.disc_batch_stats,
+                                       state.disc_opt_state)
+  if gan:
+    fake = jax.lax.stop_gradient(x_hat)
+
+    def discriminator_loss(dp):
+      # Real and fake go through separate calls (separate batch statistics),
+      # as the official code does.
+      real_logits, stats = disc_logits(dp, disc_stats, x)
+      fake_logits, stats = disc_logits(dp, stats, fake)
+      loss = factor * losses.hinge_d_loss(real_logits, fake_logits)
+      return loss, (stats, jnp.mean(real_logits), jnp.mean(fake_logits))
+
+    (d_loss, (disc_stats, real_mean, fake_mean)), d_grads = jax.value_and_grad(
+        discriminator_loss, has_aux=True)(disc_params)
+    d_updates, disc_opt = models.disc_tx.update(d_grads, disc_opt, disc_params)
+    disc_params = optax.apply_updates(disc_params, d_updates)
+    metrics.update(d_loss=d_loss, logits_real=real_mean, logits_fake=fake_mean)
+
+  new_state = state.replace(
+      step=state.step + 1, params=params, codebook=codebook,
+      opt_state=opt_state, disc_params=disc_params,
+      disc_batch_stats=disc_stats, disc_opt_state=disc_opt)
+  return new_state, metrics
+
+
+def eval_step(models: Stage1Models, state: Stage1State,
+              batch: dict[str, Array]) -> dict[str, Array]:
+  """Per-batch sums over real (unpadded) examples; the loop divides."""
+  x = batch['image']
+  mask = batch['mask'].astype(jnp.float32)
+  out = models.vae.apply({'params': state.params, 'codebook': state.codebook},
+                         x, train=False, rngs=_rngs(state))
+  x_hat = out['reconstruction']
+  l1 = jnp.mean(jnp.abs(x - x_hat), axis=(1, 2, 3))
+  mse = jnp.mean(((x - x_hat) / 2.0) ** 2, axis=(1, 2, 3))  # in [0, 1] units
+  psnr = -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
+  k = models.vae.codebook_size
+  counts = jnp.zeros((k,), jnp.float32).at[out['codes'].reshape(x.shape[0], -1)
+                                           ].add(mask[:, None])
+  sums = {'l1_loss': jnp.sum(l1 * mask), 'psnr': jnp.sum(psnr * mask),
+          'code_length': jnp.sum(out['code_length'] * mask),
+          'count': jnp.sum(mask)}
+  for g in range(1, models.vae.num_grains):
+    sums[f'ratio_grain{g}'] = jnp.sum(
+        jnp.mean(out['gate'][..., g], axis=(1, 2)) * mask)
+  return {'sums': sums, 'code_counts': counts}
+
+
+def reconstruct(models: Stage1Models, state: Stage1State,
+                images: Array) -> dict[str, Array]:
+  """Reconstructions and grain maps for pictures (eval mode)."""
+  out = models.vae.apply({'params': state.params, 'codebook': state.codebook},
+                         images, train=False, rngs=_rngs(state))
+  return {'reconstruction': jnp.clip(out['reconstruction'], -1, 1),
+          'grain_map': out['grain_map']}
+
+
+def lpips_params_for(config: ml_collections.ConfigDict) -> Any:
+  """Frozen LPIPS weights (or None when the perceptual loss is off)."""
+  if not uses_lpips(config):
+    return None
+  return perceptual.load_lpips_params(config.lpips_weights or None)
+
+
+__all__ = ['Stage1State', 'Stage1Models', 'build_models', 'init_state',
+           'train_step', 'eval_step', 'reconstruct', 'lpips_params_for']

@@ -1,0 +1,180 @@
+"""Stage-1 training system: smoke runs, resume, preemption, sharding, config."""
+
+import functools
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dqvq import config_lib
+from dqvq import sharding
+from dqvq.trainers import loop
+from dqvq.trainers import stage1
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, arg: str = 'runlocal'):
+  path = os.path.join(ROOT, 'configs', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'cfg_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def tiny(data_dir, name='demo', **overrides):
+  c = load_config(name)
+  c.data.data_dir = data_dir
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def _leaves_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize('name', ['demo', 'imagenet_stage1', 'ffhq_stage1'])
+def test_two_step_smoke_run_per_config(name, demo_data_dir, tmp_path):
+  c = tiny(demo_data_dir, name)
+  state = loop.train_and_evaluate(c, str(tmp_path))
+  assert int(state.step) == 2
+  ckpts = sorted(os.listdir(tmp_path / 'checkpoints'))
+  assert '2' in ckpts
+  assert any(f.startswith('events') for f in os.listdir(tmp_path))
+  assert os.listdir(tmp_path / 'pictures')
+
+
+def test_resume_equals_uninterrupted_bitwise(demo_data_dir, tmp_path):
+  c = tiny(demo_data_dir, num_train_steps=4, checkpoint_every=2, eval_every=100,
+           image_every=100)
+  straight = loop.train_and_evaluate(c, str(tmp_path / 'a'))
+  first = tiny(demo_data_dir, num_train_steps=2, checkpoint_every=2,
+               eval_every=100, image_every=100)
+  loop.train_and_evaluate(first, str(tmp_path / 'b'))
+  resumed = loop.train_and_evaluate(c, str(tmp_path / 'b'))
+  assert int(resumed.step) == 4
+  _leaves_equal(straight.params, resumed.params)
+  _leaves_equal(straight.codebook, resumed.codebook)
+  _leaves_equal(straight.disc_params, resumed.disc_params)
+
+
+def test_sigterm_leaves_restorable_checkpoint(demo_data_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  cmd = [sys.executable, '-m', 'dqvq.train',
+         f'--config={ROOT}/configs/demo.py:runlocal', f'--workdir={workdir}',
+         f'--config.data.data_dir={demo_data_dir}',
+         '--config.num_train_steps=10000', '--config.checkpoint_every=10000',
+         '--config.eval_every=10000', '--config.image_every=10000']
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 400
+  events = None
+  while time.time() < deadline:
+    if os.path.isdir(workdir) and any(
+        f.startswith('events') for f in os.listdir(workdir)):
+      events = True
+      break
+    time.sleep(2)
+  assert events, 'training never started'
+  time.sleep(5)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  steps = [int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit()]
+  assert steps and max(steps) < 10000
+  # The run resumes from it.
+  c = tiny(demo_data_dir, num_train_steps=max(steps) + 1, eval_every=10000,
+           image_every=10000)
+  state = loop.train_and_evaluate(c, str(workdir))
+  assert int(state.step) == max(steps) + 1
+
+
+def test_sharded_step_equals_single_device(demo_data_dir):
+  c = tiny(demo_data_dir)
+  models = stage1.build_models(c)
+  res = c.data.resolution
+  init = functools.partial(stage1.init_state, models, image_shape=(1, res, res, 3))
+  state = jax.jit(init)(jax.random.key(0))
+  lpips = stage1.lpips_params_for(c)
+  images = jax.random.uniform(jax.random.key(1), (8, res, res, 3), minval=-1,
+                              maxval=1)
+  batch = {'image': images, 'label': jnp.zeros((8,), jnp.int32),
+           'mask': jnp.ones((8,), bool)}
+  step = functools.partial(stage1.train_step, models)
+  one = jax.jit(step)(state, batch, lpips)
+  mesh = sharding.create_mesh()
+  assert mesh.shape['data'] == 8
+  sharded_batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+  rep_state = jax.device_put(state, sharding.replicated(mesh))
+  eight = jax.jit(step)(rep_state, sharded_batch, lpips)
+  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4,
+                               atol=2e-5)
+
+
+@pytest.mark.parametrize('field,value,exc,match', [
+    ('batch_size', 12, ValueError, 'divisible by the 8 devices'),
+    ('num_train_steps', 0, ValueError, 'num_train_steps'),
+    ('lpips_weights', '', ValueError, 'lpips_weights'),
+    ('lpips_weights', '/nonexistent/lpips', FileNotFoundError, 'convert lpips'),
+])
+def test_config_validation_errors(field, value, exc, match, demo_data_dir):
+  c = tiny(demo_data_dir)
+  c[field] = value
+  with pytest.raises(exc, match=match):
+    config_lib.validate_config(c)
+
+
+def test_config_validation_model_and_data_errors(demo_data_dir):
+  c = tiny(demo_data_dir)
+  c.data.resolution = 36
+  with pytest.raises(ValueError, match='multiple of the largest'):
+    config_lib.validate_config(c)
+  c = tiny(demo_data_dir)
+  c.data.name = 'image_folder'
+  c.data.image_folder_root = '/nonexistent/ffhq'
+  with pytest.raises(FileNotFoundError, match='image_folder_root'):
+    config_lib.validate_config(c)
+  c = tiny(demo_data_dir)
+  c.mesh.data = 3
+  with pytest.raises(ValueError, match='mesh'):
+    config_lib.validate_config(c)
+  c = tiny(demo_data_dir)
+  c.model.unknown_field = 1
+  with pytest.raises(ValueError, match='Unknown config.model'):
+    config_lib.validate_config(c)
+  with pytest.raises(ValueError, match='Unknown config argument'):
+    load_config('imagenet_stage1', 'runlocal,bogus')
+
+
+def test_config_arguments_select_models():
+  assert load_config('imagenet_stage1', '').model.grain_factors == (16, 8)
+  triple = load_config('imagenet_stage1', 'triple')
+  assert triple.model.grain_factors == (32, 16, 8)
+  ent = load_config('imagenet_stage1', 'entropy,ratio=0.3')
+  assert ent.model.router == 'entropy' and ent.loss.budget_kind == 'none'
+  np.testing.assert_allclose(ent.model.grain_ratios, (0.7, 0.3))
+  assert load_config('imagenet_stage1', 'vqgan').model.grain_factors == (16,)
+
+
+def test_learning_rate_schedule_official():
+  c = load_config('imagenet_stage1', '')
+  from dqvq.trainers import common  # pylint: disable=g-import-not-at-top
+  sched = common.learning_rate_schedule(c)
+  peak = 4.5e-6 * 240
+  np.testing.assert_allclose(sched(0), 0.0)
+  np.testing.assert_allclose(sched(267), peak * 267 / 534, rtol=1e-6)
+  np.testing.assert_allclose(sched(534), peak, rtol=1e-6)
+  mid = (534 + 266_912) / 2
+  np.testing.assert_allclose(sched(mid), peak / 2, rtol=1e-4)
+  np.testing.assert_allclose(sched(266_912), 0.0, atol=1e-9)
