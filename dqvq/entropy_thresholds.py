@@ -95,14 +95,22 @@ def iterate_batches(
     tf.config.set_visible_devices([], 'GPU')  # keep the accelerator for JAX
   except RuntimeError:  # TF already initialised its devices; harmless.
     pass
-  ds = tfds.load(args.dataset, split=args.split, data_dir=args.data_dir,
-                 shuffle_files=False, download=args.download)
-  if args.num_images:
-    ds = ds.take(args.num_images)
-  ds = ds.map(lambda ex: ex[args.image_key]).prefetch(64)
+  builder = tfds.builder(args.dataset, data_dir=args.data_dir)
+  if args.download:
+    builder.download_and_prepare()
+  if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+    # ArrayRecord (what our builders and grain use) has no tf.data reader.
+    source = builder.as_data_source(split=args.split)
+    count = min(len(source), args.num_images or len(source))
+    images = (source[i][args.image_key] for i in range(count))
+  else:
+    ds = builder.as_dataset(split=args.split, shuffle_files=False)
+    if args.num_images:
+      ds = ds.take(args.num_images)
+    images = tfds.as_numpy(ds.map(lambda ex: ex[args.image_key]).prefetch(64))
   prep = functools.partial(preprocess_eval, resolution=args.resolution)
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
-    for raw in _chunks(tfds.as_numpy(ds), args.batch_size):
+    for raw in _chunks(images, args.batch_size):
       batch = np.stack(list(pool.map(prep, raw)))
       n = batch.shape[0]
       if n < args.batch_size:

@@ -82,8 +82,13 @@ def write_pictures(models, recon_fn, state, batch, writer, step,
                    workdir) -> None:
   images = batch['image'][: models.config.num_images]
   out = jax.device_get(recon_fn(state, jnp.asarray(images)))
-  panel = visualize.stage1_panel(np.asarray(images), out['reconstruction'],
-                                 out['grain_map'], models.vae.num_grains)
+  # Small images are enlarged (nearest) so code cells stay visible.
+  zoom = max(1, 128 // images.shape[1])
+  up = lambda a: np.repeat(np.repeat(np.asarray(a), zoom, 1), zoom, 2)
+  panel = visualize.stage1_panel(
+      up(images), up(out['reconstruction']), out['grain_map'],
+      models.vae.num_grains, grain_factors=tuple(
+          f * zoom for f in models.vae.grain_factors))
   metrics_lib.write_images(writer, step, {'stage1/panel': panel[None]})
   if jax.process_index() == 0:
     visualize.save_png(os.path.join(workdir, 'pictures', f'stage1_{step:07d}.png'),
@@ -94,6 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
   """Trains stage 1 per `config` in `workdir`; returns the final state."""
   config_lib.validate_config(config)
   mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
+  stage1.resolve_entropy_thresholds(config, workdir)
   models = stage1.build_models(config)
   lpips_params = stage1.lpips_params_for(config)
   datasets = pipeline.create_datasets(
@@ -136,6 +142,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
       config.num_train_steps, config.batch_size, every=config.log_every)
   accumulator = metrics_lib.MetricsAccumulator()
   step = int(state.step)
+  if step == 0:  # the untrained baseline every later validation compares to
+    val = evaluate(models, state, eval_fn, datasets, mesh, config)
+    metrics_lib.write_scalars(writer, 0, val)
+    logging.info('step 0 validation: %s', ', '.join(
+        f'{k}={v:.4g}' for k, v in sorted(val.items())))
   skipped = 0
   last_batch = None
   while step < config.num_train_steps:

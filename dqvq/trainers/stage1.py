@@ -15,6 +15,7 @@ alternations and this one halves the cost.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import flax
@@ -229,6 +230,37 @@ def reconstruct(models: Stage1Models, state: Stage1State,
                          images, train=False, rngs=_rngs(state))
   return {'reconstruction': jnp.clip(out['reconstruction'], -1, 1),
           'grain_map': out['grain_map']}
+
+
+def resolve_entropy_thresholds(config: ml_collections.ConfigDict,
+                               workdir: str) -> None:
+  """`model.entropy_thresholds='auto'`: a percentile table of the train split.
+
+  Computed once with the same tool as `python -m dqvq.entropy_thresholds`
+  (eval preprocessing at the training resolution) and kept in the workdir, so
+  a resumed run routes exactly as before.
+  """
+  m = config.model
+  if m.router != 'entropy' or m.get('entropy_thresholds') != 'auto':
+    return
+  path = os.path.join(workdir, 'entropy_thresholds.json')
+  if jax.process_index() != 0:
+    path = os.path.join(workdir, f'entropy_thresholds.{jax.process_index()}.json')
+  if not os.path.exists(path):
+    from dqvq import entropy_thresholds  # pylint: disable=g-import-not-at-top
+    default = dqvae.DQVAE.__dataclass_fields__
+    field = lambda k: m.get(k, default[k].default)
+    lo, hi = field('entropy_bin_range')
+    entropy_thresholds.main([
+        f'--data_dir={config.data.data_dir}', f'--dataset={config.data.name}',
+        f'--split={config.data.train_split}',
+        f'--resolution={config.data.resolution}',
+        f'--region_size={m.grain_factors[0]}', f'--bin_range={lo},{hi}',
+        f'--num_bins={field("entropy_num_bins")}',
+        f'--sigma={field("entropy_sigma")}',
+        f'--num_images={config.get("entropy_num_images", 0)}',
+        f'--out={path}'])
+  m.entropy_thresholds = path
 
 
 def lpips_params_for(config: ml_collections.ConfigDict) -> Any:
