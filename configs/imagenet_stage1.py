@@ -20,6 +20,9 @@ def get_config(arg=None):
   if not config_lib.parse_arg(arg)['runlocal']:
     c.data.name = 'imagenet2012'
     c.lpips_weights = ''  # set to the converted LPIPS dir (required)
+  else:  # the smoke run covers the perceptual loss, with random VGG weights
+    c.loss.perceptual_weight = 1.0
+    c.lpips_weights = 'random'
   if c.model.router in ('entropy', 'random'):
     c.loss.budget_kind = 'none'  # no budget loss without a learned gate
   return c

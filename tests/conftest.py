@@ -15,6 +15,12 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# Compiling the toy models dominates the suite's time on CPU; a persistent
+# cache makes every run after the first mostly cache hits.
+jax.config.update('jax_compilation_cache_dir', os.environ.get(
+    'DQVQ_JAX_CACHE', os.path.expanduser('~/.cache/dqvq/jax_compilation')))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
 
 def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: heavy checks, not in the default run')

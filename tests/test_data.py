@@ -50,8 +50,8 @@ def labelled_source(n: int, corrupt: tuple[int, ...] = ()) -> list[dict]:
 
 def test_demo_split_is_fixed_by_source_photo(demo_dir):
   builder = demo.demo_builder(demo_dir)
-  assert builder.info.splits['train'].num_examples == 707
-  assert builder.info.splits['validation'].num_examples == 166
+  assert builder.info.splits['train'].num_examples == 681
+  assert builder.info.splits['validation'].num_examples == 192
   names = builder.info.features['label'].names
   labels = {}
   for split in ('train', 'validation'):
@@ -77,7 +77,7 @@ def test_demo_crop_grid_covers_photo_within_bounds():
 def test_train_batches_shape_dtype_range(demo_dir):
   ds = pipeline.create_datasets(demo_config(demo_dir), global_batch_size=8,
                                 seed=0)
-  assert (ds.num_train_examples, ds.num_eval_examples) == (707, 166)
+  assert (ds.num_train_examples, ds.num_eval_examples) == (681, 192)
   assert ds.num_classes == len(demo.PHOTOS)
   batch = next(iter(ds.train))
   assert batch['image'].shape == (8, RES, RES, 3)
@@ -91,11 +91,11 @@ def test_train_batches_shape_dtype_range(demo_dir):
 
 
 def test_eval_is_one_padded_pass(demo_dir):
-  ds = pipeline.create_datasets(demo_config(demo_dir), global_batch_size=32,
+  ds = pipeline.create_datasets(demo_config(demo_dir), global_batch_size=40,
                                 seed=0)
   batches = list(ds.eval)
-  assert len(batches) == ds.eval_batches == 6  # ceil(166 / 32)
-  assert sum(int(b['mask'].sum()) for b in batches) == 166
+  assert len(batches) == ds.eval_batches == 5  # ceil(192 / 40)
+  assert sum(int(b['mask'].sum()) for b in batches) == 192
   last = batches[-1]
   assert not last['mask'][-1] and np.all(last['image'][~last['mask']] == 0)
   # Eval is deterministic: center crops, file order.

@@ -91,7 +91,7 @@ def test_merged_code_map_one_code_per_region(variant):
   hold f_0^2/f^2 different codes."""
   kwargs = dqvae.tiny_kwargs(variant)
   model = dqvae.DQVAE(**kwargs)
-  x = jax.random.uniform(jax.random.key(5), (3, 64, 64, 3), minval=-1, maxval=1)
+  x = jax.random.uniform(jax.random.key(5), (2, 64, 64, 3), minval=-1, maxval=1)
   variables = jax.jit(model.init)(RNGS, x)
   out = jax.jit(model.apply)(variables, x)
   factors = kwargs['grain_factors']
@@ -109,8 +109,9 @@ def test_merged_code_map_one_code_per_region(variant):
 
 
 def test_decode_codes_matches_forward():
+  # Same shapes as the code-map test: the compiled programs are shared.
   model = dqvae.DQVAE(**dqvae.tiny_kwargs())
-  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
+  x = jax.random.uniform(jax.random.key(1), (2, 64, 64, 3), minval=-1, maxval=1)
   variables = jax.jit(model.init)(RNGS, x)
   out = jax.jit(model.apply)(variables, x)
   img = jax.jit(lambda v, c: model.apply(v, c, method=dqvae.DQVAE.decode_codes))(

@@ -99,12 +99,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
   """Trains stage 1 per `config` in `workdir`; returns the final state."""
   config_lib.validate_config(config)
   mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
+  datasets = pipeline.create_datasets(  # prepares the demo data if needed
+      config.data, global_batch_size=config.batch_size, seed=config.seed,
+      mesh=mesh, eval_batch_size=config.eval_batch_size)
   stage1.resolve_entropy_thresholds(config, workdir)
   models = stage1.build_models(config)
   lpips_params = stage1.lpips_params_for(config)
-  datasets = pipeline.create_datasets(
-      config.data, global_batch_size=config.batch_size, seed=config.seed,
-      mesh=mesh, eval_batch_size=config.eval_batch_size)
   abstract, shardings, init_fn = _setup_state(models, config, mesh)
   train_iter = iter(datasets.train)
 
@@ -176,11 +176,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
           f'{k}={v:.4g}' for k, v in sorted(val.items())))
     if step % config.image_every == 0 or is_last:
       write_pictures(models, recon_fn, state, last_batch, writer, step, workdir)
-    stop = checkpointer.should_stop(step)
+    stop = checkpointer.should_stop(step) or step == config.get(
+        'stop_at_step', 0)
     checkpointer.maybe_save(step, state, data_iter=train_iter, metrics=val,
                             force=is_last or stop)
     if stop:
-      logging.warning('Preempted at step %d: checkpoint saved, exiting.', step)
+      logging.warning('Stopped at step %d (preemption or stop_at_step): '
+                      'checkpoint saved, exiting.', step)
       break
   checkpointer.wait_until_finished()
   writer.flush()
