@@ -60,6 +60,14 @@ def model_config(variant: str | None, runlocal: bool,
       raise ValueError('ratio= sets r_fine of a dual model; for the triple '
                        'model set config.model.grain_ratios directly.')
     kw['grain_ratios'] = (1.0 - ratio, ratio)
+  # Every DQVAE field is present, so any of them can be overridden from the
+  # command line (a locked ConfigDict rejects unknown keys).
+  for field, spec in dqvae.DQVAE.__dataclass_fields__.items():
+    if field in ('parent', 'name', 'dtype') or field in kw:
+      continue
+    kw[field] = spec.default
+  if kw['entropy_thresholds'] is None:
+    kw['entropy_thresholds'] = ml_collections.config_dict.placeholder(str)
   return ml_collections.ConfigDict(kw)
 
 
