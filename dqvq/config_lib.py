@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from dqvq import sharding
 from dqvq.data import sources as data_sources
 from dqvq.models import dqvae
 from dqvq.trainers import common
@@ -168,11 +169,7 @@ def validate_config(c: ml_collections.ConfigDict,
           f'config.lpips_weights={c.lpips_weights!r} does not exist; create it '
           'with `python -m dqvq.convert lpips --vgg16 vgg16-397923af.pth --lin '
           'vgg.pth --out DIR`.')
-  per_step = c.mesh.data * c.mesh.fsdp if -1 not in (c.mesh.data, c.mesh.fsdp) \
-      else num_devices
-  if per_step != num_devices:
-    raise ValueError(f'config.mesh data={c.mesh.data} x fsdp={c.mesh.fsdp} does '
-                     f'not use the {num_devices} devices; use -1 for one axis.')
+  sharding.create_mesh(c.mesh.data, c.mesh.fsdp)  # raises on a bad shape
   for field in ('batch_size', 'eval_batch_size'):
     size = c[field]
     if size <= 0 or size % num_devices:

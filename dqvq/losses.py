@@ -16,6 +16,8 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from dqvq.models import grain as grain_lib
+
 Array = jax.Array
 
 BUDGET_KINDS = ('official', 'per_image', 'none')
@@ -97,10 +99,6 @@ def adaptive_gan_weight(x_hat: Array, last_layer_input: Array,
   return adaptive_weight(nll_grad, g_grad, disc_weight, max_weight)
 
 
-def _codes_per_region(grain_factors: Sequence[int]) -> list[float]:
-  return [float((grain_factors[0] // f) ** 2) for f in grain_factors]
-
-
 def budget_loss_official(gate: Array, grain_factors: Sequence[int],
                          grain_ratios: Sequence[float],
                          gamma: float) -> Array:
@@ -118,7 +116,7 @@ def budget_loss_official(gate: Array, grain_factors: Sequence[int],
   gate = gate.astype(jnp.float32)
   batch = gate.shape[0]
   n0 = gate.shape[1] * gate.shape[2]
-  per = _codes_per_region(grain_factors)
+  per = grain_lib.codes_per_region(grain_factors)
   sums = gate.sum(axis=(0, 1, 2)) / batch  # expected regions per grain.
   if len(grain_factors) == 2:
     r = (sums[0] + per[1] * sums[1] - n0) / (per[1] * n0 - n0)

@@ -2,10 +2,9 @@
 
 One mesh over all devices with axes ('data', 'fsdp'). The batch is split over
 both axes (every device holds a slice of the global batch); parameters and
-optimizer state are either replicated, sharded by logical axis names (the
-transformer's weights carry them), or, for unannotated convolutional
-weights, sharded over 'fsdp' on their largest divisible axis, as big_vision's
-`fsdp` rule does. With fsdp = 1 (the default) everything is replicated and
+optimizer state keep a sharding they already carry on this mesh, and
+otherwise are sharded over 'fsdp' on their largest divisible axis, as
+big_vision's `fsdp` rule does (small arrays are replicated). With fsdp = 1 (the default) everything is replicated and
 this is plain data parallelism.
 
 Axis types are Auto: Linen's sharded init breaks under Explicit axes.
@@ -21,20 +20,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
 BATCH_AXES = ('data', 'fsdp')
-
-# Logical axis name -> mesh axis, for weights annotated with
-# `nn.with_logical_partitioning` (the transformer). Anything unlisted is
-# replicated.
-LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    ('batch', BATCH_AXES),
-    ('embed', 'fsdp'),
-    ('mlp', None),
-    ('heads', None),
-    ('kv', None),
-    ('vocab', None),
-    ('length', None),
-)
-
 
 def create_mesh(data: int = -1, fsdp: int = 1,
                 devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -59,10 +44,6 @@ def create_mesh(data: int = -1, fsdp: int = 1,
         '(use -1 for one of them).')
   arr = np.asarray(devices, dtype=object).reshape(sizes)
   return Mesh(arr, BATCH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
-
-
-def batch_size_per_step_divisor(mesh: Mesh) -> int:
-  return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -90,8 +71,8 @@ def fsdp_spec(shape: Sequence[int], fsdp_size: int,
 def infer_state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
   """NamedShardings for a state pytree of arrays / ShapeDtypeStructs.
 
-  Leaves that carry logical names (flax `LogicallyPartitioned` boxes, already
-  resolved by the caller into `.sharding`) keep them; others use `fsdp_spec`.
+  Leaves that already carry a NamedSharding on `mesh` keep it; others use
+  `fsdp_spec`.
   """
   fsdp_size = mesh.shape['fsdp']
 

@@ -87,11 +87,6 @@ def code_length(grain_map: Array, grain_factors: Sequence[int]) -> Array:
   return per[grain_map].sum(axis=(1, 2))
 
 
-def grain_fractions(gate: Array) -> Array:
-  """Share of regions at each granularity per image, (B, K), from a one-hot gate."""
-  return gate.mean(axis=(1, 2))
-
-
 def validate_grain_ratios(ratios: Sequence[float], num_grains: int) -> None:
   """Ratios are per grain, coarse to fine, and must sum to one."""
   if len(ratios) != num_grains:

@@ -32,6 +32,7 @@ from dqvq import metrics as metrics_lib
 from dqvq import sharding
 from dqvq import visualize
 from dqvq.data import pipeline
+from dqvq.models import quantizer
 from dqvq.trainers import stage1
 
 
@@ -70,11 +71,9 @@ def evaluate(models, state, eval_fn, datasets, mesh, config) -> dict[str, float]
   total = jax.device_get(total)
   n = max(float(total.pop('count')), 1.0)
   result = {f'val/{k}': float(v) / n for k, v in total.items()}
-  counts = np.asarray(jax.device_get(counts))
-  result['val/codebook_usage'] = float(np.mean(counts > 0))
-  p = counts / max(counts.sum(), 1.0)
-  nz = p[p > 0]
-  result['val/perplexity'] = float(np.exp(-np.sum(nz * np.log(nz))))
+  usage = jax.device_get(quantizer.usage_stats(counts))
+  result['val/codebook_usage'] = float(usage['codebook_usage'])
+  result['val/perplexity'] = float(usage['perplexity'])
   return result
 
 
@@ -141,7 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
   progress = metrics_lib.ProgressReporter(
       config.num_train_steps, config.batch_size, every=config.log_every)
   accumulator = metrics_lib.MetricsAccumulator()
-  step = int(state.step)
+  step = start_step = int(state.step)
   if step == 0:  # the untrained baseline every later validation compares to
     val = evaluate(models, state, eval_fn, datasets, mesh, config)
     metrics_lib.write_scalars(writer, 0, val)
@@ -156,7 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
     state, step_metrics = train_fn(state, batch, lpips_params)
     step += 1
     accumulator.add(step_metrics)
-    if step == int(restored[1] if restored else 0) + 1:
+    if step == start_step + 1:
       progress.start(step)  # rates exclude the compile of the first step
     last_batch = host_batch
     is_last = step == config.num_train_steps

@@ -56,6 +56,7 @@ class Stage1Models:
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
   disc_tx: optax.GradientTransformation | None = flax.struct.field(
       pytree_node=False)
+  schedule: Any = flax.struct.field(pytree_node=False)
   config: Any = flax.struct.field(pytree_node=False)
 
 
@@ -79,7 +80,7 @@ def build_models(config: ml_collections.ConfigDict) -> Stage1Models:
     disc_tx = common.adam(config, schedule)
   if uses_lpips(config):
     lpips = perceptual.LPIPS(dropout=config.loss.lpips_dropout, dtype=dtype)
-  return Stage1Models(vae, disc, lpips, tx, disc_tx, config)
+  return Stage1Models(vae, disc, lpips, tx, disc_tx, schedule, config)
 
 
 def init_state(models: Stage1Models, rng: Array,
@@ -171,7 +172,7 @@ def train_step(models: Stage1Models, state: Stage1State,
   updates, opt_state = models.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics['grad_norm'] = optax.global_norm(grads)
-  metrics['learning_rate'] = common.learning_rate_schedule(cfg)(state.step)
+  metrics['learning_rate'] = models.schedule(state.step)
 
   disc_params, disc_stats, disc_opt = (state.disc_params,
                                        state.disc_batch_stats,
