@@ -19,10 +19,41 @@ here (enable them with `--config.loss.disc_weight=1`,
 
 import os
 
+import ml_collections
+
 from dqvq import config_lib
+from dqvq.models import transformer as transformer_lib
 
 
 def get_config(arg=None):
+  """Stage 2 on top of the demo tokenizer, which trains first."""
+  opts = config_lib.parse_arg(arg)
+  stage1 = stage1_config(arg)
+  c = config_lib.stage2_config(','.join(filter(None, [arg, 'uncond'])))
+  c.tokenizer.stage1 = stage1
+  c.data = ml_collections.ConfigDict(stage1.data.to_dict())
+  c.model.update(dict(
+      width=128, num_heads=4, position_layers=2, content_layers=2,
+      block_size=512, embed_dropout=0.1, attn_dropout=0.1,
+      resid_dropout=0.1))
+  c.optim.base_learning_rate = 1e-3
+  c.batch_size = 16
+  c.eval_batch_size = 16
+  c.num_train_steps = 600
+  c.num_eval_batches = 0
+  c.log_every = 50
+  c.eval_every = 300
+  c.image_every = 300
+  c.checkpoint_every = 300
+  c.num_images = 8
+  if opts['runlocal']:
+    config_lib.runlocal(c)
+    c.model.update(transformer_lib.tiny_kwargs())
+  return c
+
+
+def stage1_config(arg=None):
+  """The demo tokenizer: a small dual-grain DQ-VAE with the entropy router."""
   opts = config_lib.parse_arg(arg)
   c = config_lib.stage1_config(arg)
   c.data.name = 'dqvq_demo'

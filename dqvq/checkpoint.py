@@ -292,6 +292,16 @@ class Checkpointer:
 
   # -- restoring ------------------------------------------------------------
 
+  def read_meta(self, step: int) -> dict[str, Any]:
+    """The JSON metadata of `step` alone (step, config, metrics).
+
+    Lets a caller rebuild the model a checkpoint needs (e.g. stage 2 loading
+    its tokenizer) before restoring the arrays.
+    """
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored['meta'] or {})
+
   def restore_latest(self, abstract_state: PyTree, data_iter: Any = None
                      ) -> tuple[PyTree, int, dict[str, Any]] | None:
     """Restores the newest step that reads back, or None if there is none.

@@ -21,6 +21,7 @@ import ml_collections
 from dqvq import sharding
 from dqvq.data import sources as data_sources
 from dqvq.models import dqvae
+from dqvq.models import transformer as transformer_lib
 from dqvq.trainers import common
 
 VARIANTS = {'feature': 'feature_dual', 'dual': 'feature_dual',
@@ -28,10 +29,12 @@ VARIANTS = {'feature': 'feature_dual', 'dual': 'feature_dual',
             'random': 'feature_dual'}
 
 
-def parse_arg(arg: str | None) -> dict[str, Any]:
+def parse_arg(arg: str | None,
+              extra: tuple[str, ...] = ()) -> dict[str, Any]:
   """'runlocal,triple,ratio=0.3' -> {'runlocal': True, 'variant': 'triple',
-  'ratio': 0.3}."""
+  'ratio': 0.3}; flags in `extra` (e.g. 'large') become booleans."""
   opts: dict[str, Any] = {'runlocal': False, 'variant': None}
+  opts.update({name: False for name in extra})
   for part in filter(None, (p.strip() for p in (arg or '').split(','))):
     if '=' in part:
       k, v = part.split('=', 1)
@@ -39,8 +42,8 @@ def parse_arg(arg: str | None) -> dict[str, Any]:
         opts[k] = float(v) if '.' in v else int(v)
       except ValueError:
         opts[k] = v
-    elif part == 'runlocal':
-      opts['runlocal'] = True
+    elif part == 'runlocal' or part in extra:
+      opts[part] = True
     elif part in VARIANTS:
       opts['variant'] = part
     else:
@@ -72,6 +75,29 @@ def model_config(variant: str | None, runlocal: bool,
   return ml_collections.ConfigDict(kw)
 
 
+def _data_config() -> ml_collections.ConfigDict:
+  """`config.data`; fields documented in `dqvq.data.pipeline`."""
+  return ml_collections.ConfigDict(dict(
+      name='imagenet2012', data_dir=os.path.expanduser('~/tensorflow_datasets'),
+      image_folder_root='', image_folder_train_list='',
+      image_folder_eval_list='', image_folder_val_fraction=0.05,
+      image_folder_validate=True, resolution=256, train_split='train',
+      eval_split='validation', num_workers=0, read_threads=8))
+
+
+def _loop_config(c: ml_collections.ConfigDict) -> None:
+  """Cadences of the shared loop (logging, validation, pictures, saving)."""
+  c.log_every = 50
+  c.eval_every = 5000
+  c.image_every = 1000
+  c.checkpoint_every = 2000
+  c.keep_checkpoints = 3
+  c.best_metric = 'val/l1_loss'       # kept besides the last K; mode 'min'
+  c.num_images = 8                    # examples in image summaries
+  c.stop_at_step = 0                  # >0: checkpoint and exit after this
+  #                                     step, as on preemption (time-boxed jobs)
+
+
 def stage1_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Every stage-1 field, with the paper's ImageNet settings as defaults."""
   opts = parse_arg(arg)
@@ -81,12 +107,7 @@ def stage1_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = model_config(opts['variant'], opts['runlocal'], opts.get('ratio'))
   c.compute_dtype = 'float32'         # or 'bfloat16' (params stay float32)
 
-  c.data = ml_collections.ConfigDict(dict(
-      name='imagenet2012', data_dir=os.path.expanduser('~/tensorflow_datasets'),
-      image_folder_root='', image_folder_train_list='',
-      image_folder_eval_list='', image_folder_val_fraction=0.05,
-      image_folder_validate=True, resolution=256, train_split='train',
-      eval_split='validation', num_workers=0, read_threads=8))
+  c.data = _data_config()
   c.batch_size = 240                  # global; official 30 per GPU x 8 GPUs
   c.eval_batch_size = 240
   c.num_train_steps = 266_912         # official: 50 epochs at batch 240
@@ -104,15 +125,53 @@ def stage1_config(arg: str | None = None) -> ml_collections.ConfigDict:
       eps=1e-8, warmup_steps=534, min_lr_multiplier=0.0, grad_clip_norm=0.0))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
 
-  c.log_every = 50
-  c.eval_every = 5000
-  c.image_every = 1000
-  c.checkpoint_every = 2000
-  c.keep_checkpoints = 3
-  c.best_metric = 'val/l1_loss'       # kept besides the last K; mode 'min'
-  c.num_images = 8                    # examples in image summaries
-  c.stop_at_step = 0                  # >0: checkpoint and exit after this
-  #                                     step, as on preemption (time-boxed jobs)
+  _loop_config(c)
+  if opts['runlocal']:
+    runlocal(c)
+  return c
+
+
+def stage2_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Every stage-2 field, with the paper's ImageNet settings as defaults.
+
+  Arguments: `runlocal`, `large` (6 + 42 layers), `uncond`.
+  """
+  opts = parse_arg(arg, extra=('large', 'uncond'))
+  c = ml_collections.ConfigDict()
+  c.stage = 2
+  c.seed = 2021
+  c.compute_dtype = 'float32'
+  c.tokenizer = ml_collections.ConfigDict(dict(
+      # The stage-1 run directory (its newest checkpoint is used, frozen).
+      workdir=ml_collections.config_dict.placeholder(str),
+      # A stage-1 config trained first into `workdir` (default
+      # <workdir>/stage1) when set: how the demo trains both stages.
+      stage1=None))
+  # A token dataset from `python -m dqvq.tokenize` (fast: the encoder runs
+  # once); empty: encode the images of config.data on the fly in each step.
+  c.tokens_dir = ''
+  size = 'large' if opts['large'] else 'base'
+  kw = transformer_lib.tiny_kwargs() if opts['runlocal'] else (
+      transformer_lib.paper_kwargs(size))
+  c.model = ml_collections.ConfigDict(dict(
+      **kw,
+      num_classes=0 if opts['uncond'] else 1000,
+      label_dropout=0.0,   # > 0: null-class training for CFG sampling
+      capacities=ml_collections.config_dict.placeholder(tuple)))  # None: full
+  c.data = _data_config()
+  c.batch_size = 240                  # official 30 per GPU x 8 GPUs
+  c.eval_batch_size = 240
+  c.num_train_steps = 533_800         # official: 100 epochs at batch 240
+  c.num_eval_batches = 0
+  c.loss = ml_collections.ConfigDict(dict(content_weight=1.0,
+                                          position_weight=1.0))
+  c.optim = ml_collections.ConfigDict(dict(
+      base_learning_rate=5e-4, scale_lr_by_batch=False, b1=0.9, b2=0.95,
+      eps=1e-8, weight_decay=0.01, warmup_steps=0, min_lr_multiplier=0.0,
+      grad_clip_norm=0.0))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  _loop_config(c)
+  c.best_metric = 'val/loss'
   if opts['runlocal']:
     runlocal(c)
   return c
@@ -128,13 +187,14 @@ def runlocal(c: ml_collections.ConfigDict) -> None:
   c.eval_batch_size = 8
   c.num_train_steps = 2
   c.num_eval_batches = 1
-  # LPIPS (full VGG16) dominates compile time at toy sizes; configs that want
-  # it in their smoke run turn it back on with lpips_weights='random'.
-  c.loss.perceptual_weight = 0.0
-  c.lpips_weights = ''
-  c.disc.ndf = 8
-  c.disc.n_layers = 2
-  c.optim.warmup_steps = 1
+  if c.stage == 1:
+    # LPIPS (full VGG16) dominates compile time at toy sizes; configs that
+    # want it in their smoke run turn it back on with lpips_weights='random'.
+    c.loss.perceptual_weight = 0.0
+    c.lpips_weights = ''
+    c.disc.ndf = 8
+    c.disc.n_layers = 2
+    c.optim.warmup_steps = 1
   c.log_every = 1
   c.eval_every = 2
   c.image_every = 2
@@ -143,11 +203,18 @@ def runlocal(c: ml_collections.ConfigDict) -> None:
 
 
 def validate_config(c: ml_collections.ConfigDict,
-                    num_devices: int | None = None) -> None:
-  """Every check that can fail before compiling, with the fix in the message."""
+                    num_devices: int | None = None,
+                    tokenizer_ready: bool = True) -> None:
+  """Every check that can fail before compiling, with the fix in the message.
+
+  `tokenizer_ready=False` skips the stage-2 checks of the tokenizer run (for
+  a two-stage run, whose tokenizer is trained first).
+  """
   num_devices = num_devices or jax.device_count()
   if c.stage not in (1, 2):
     raise ValueError(f'config.stage={c.stage}; it must be 1 or 2.')
+  if c.stage == 2:
+    _validate_stage2(c, num_devices, tokenizer_ready)
   model = common.build_dqvae(c.model) if c.stage == 1 else None
   if model is not None:
     model.validate()
@@ -180,4 +247,43 @@ def validate_config(c: ml_collections.ConfigDict,
   for field in ('num_train_steps', 'log_every', 'checkpoint_every'):
     if c[field] <= 0:
       raise ValueError(f'config.{field} must be positive, got {c[field]}.')
-  data_sources.validate_data_config(c.data)
+  if not (c.stage == 2 and c.tokens_dir):
+    data_sources.validate_data_config(c.data)
+
+
+def _validate_stage2(c: ml_collections.ConfigDict, num_devices: int,
+                     tokenizer_ready: bool) -> None:
+  """Stage-2 checks that need no tokenizer weights (the layout-dependent
+  ones run in `stage2.make_task`, still before compiling)."""
+  m = c.model
+  workdir = c.tokenizer.workdir
+  if c.tokenizer.get('stage1') is not None:
+    validate_config(c.tokenizer.stage1, num_devices)
+  if tokenizer_ready and not workdir:
+    raise ValueError(
+        'config.tokenizer.workdir is not set: point it at a trained stage-1 '
+        'run, e.g. --config.tokenizer.workdir=/runs/dqvae.')
+  if tokenizer_ready and not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise FileNotFoundError(
+        f'config.tokenizer.workdir={workdir!r} holds no checkpoints/; train '
+        f'the tokenizer there first (python -m dqvq.train --config '
+        f'configs/<name>_stage1.py --workdir {workdir}).')
+  if c.tokens_dir and tokenizer_ready and not os.path.isdir(c.tokens_dir):
+    raise FileNotFoundError(
+        f'config.tokens_dir={c.tokens_dir!r} does not exist; write it with '
+        f'`python -m dqvq.tokenize --stage1_workdir {workdir} --out '
+        f"{c.tokens_dir}`, or set tokens_dir='' to encode on the fly.")
+  if m.width % m.num_heads:
+    raise ValueError(f'config.model.width={m.width} is not divisible by '
+                     f'num_heads={m.num_heads}.')
+  fsdp = c.mesh.fsdp if c.mesh.fsdp != -1 else num_devices // max(
+      1, c.mesh.data)
+  if fsdp > 1 and m.width % fsdp:
+    raise ValueError(f'config.model.width={m.width} is not divisible by the '
+                     f'fsdp mesh size {fsdp}; FSDP shards the width.')
+  if not 0.0 <= m.label_dropout < 1.0:
+    raise ValueError(f'config.model.label_dropout={m.label_dropout} must be '
+                     'in [0, 1).')
+  if m.label_dropout > 0 and not m.num_classes:
+    raise ValueError('config.model.label_dropout > 0 needs a class-'
+                     'conditional model (config.model.num_classes > 0).')

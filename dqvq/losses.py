@@ -1,4 +1,4 @@
-"""Stage-1 losses: VQGAN's reconstruction + GAN terms and the budget loss.
+"""Losses: stage 1 (VQGAN reconstruction + GAN terms, budget) and stage 2.
 
 L_G = nll + lambda_adv * disc_factor * g + codebook_weight * L_q + L_budget
 L_D = disc_factor * hinge(D(x), D(sg(x_hat)))
@@ -154,3 +154,71 @@ def budget_loss(gate: Array, grain_factors: Sequence[int],
     return jnp.zeros((), jnp.float32)
   raise ValueError(f'Unknown budget loss kind {kind!r}; choose one of '
                    f'{BUDGET_KINDS}.')
+
+
+# -- Stage 2 ------------------------------------------------------------------
+
+
+def _cross_entropy(logits: Array, targets: Array) -> tuple[Array, Array]:
+  """Per-token CE and top-1 correctness; targets must index the logits."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  safe = jnp.clip(targets, 0, logits.shape[-1] - 1)
+  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  return nll, (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+
+
+def token_loss_sums(position_logits: Array, content_logits: Array,
+                    targets: dict[str, Array], num_grains: int,
+                    example_mask: Array | None = None) -> dict[str, Array]:
+  """Summed CE / correct / counts per stream and granularity (no division).
+
+  Sums rather than means so that validation can add batches exactly and
+  `token_losses` divides once. Pad targets count nowhere; each position CE
+  is grouped by the granularity of the token it predicts (so the boundary
+  slot, whose target is the next stream's sos, belongs to the finer stream,
+  as in the official split at L_c - 1).
+  """
+  valid = ~targets['pad']
+  if example_mask is not None:
+    valid &= example_mask[:, None].astype(bool)
+  valid = valid.astype(jnp.float32)
+  pos_nll, pos_ok = _cross_entropy(position_logits, targets['position'])
+  con_nll, con_ok = _cross_entropy(content_logits, targets['content'])
+  sums = {'content_nll': jnp.sum(con_nll * valid),
+          'content_correct': jnp.sum(con_ok * valid),
+          'content_count': jnp.sum(valid)}
+  for k in range(num_grains):
+    vk = valid * (targets['grain'] == k)
+    sums[f'position_nll_{k}'] = jnp.sum(pos_nll * vk)
+    sums[f'position_correct_{k}'] = jnp.sum(pos_ok * vk)
+    sums[f'content_nll_{k}'] = jnp.sum(con_nll * vk)
+    sums[f'content_correct_{k}'] = jnp.sum(con_ok * vk)
+    sums[f'count_{k}'] = jnp.sum(vk)
+  return sums
+
+
+def token_losses(sums: dict[str, Array], num_grains: int,
+                 content_weight: float = 1.0,
+                 position_weight: float = 1.0) -> dict[str, Array]:
+  """The official stage-2 objective and its parts, from `token_loss_sums`.
+
+  loss = content_weight * CE_content (mean over all non-pad targets)
+       + position_weight * mean_k CE_position_k (each averaged over its own
+         targets, so every granularity weighs the same whatever its length).
+  """
+  div = lambda a, b: a / jnp.maximum(b, 1.0)
+  out = {'content_loss': div(sums['content_nll'], sums['content_count']),
+         'content_accuracy': div(sums['content_correct'],
+                                 sums['content_count'])}
+  per_grain = []
+  for k in range(num_grains):
+    n = sums[f'count_{k}']
+    per_grain.append(div(sums[f'position_nll_{k}'], n))
+    out[f'position_loss_{k}'] = per_grain[-1]
+    out[f'position_accuracy_{k}'] = div(sums[f'position_correct_{k}'], n)
+    out[f'content_loss_{k}'] = div(sums[f'content_nll_{k}'], n)
+    out[f'content_accuracy_{k}'] = div(sums[f'content_correct_{k}'], n)
+  out['position_loss'] = sum(per_grain) / num_grains
+  out['loss'] = (content_weight * out['content_loss'] +
+                 position_weight * out['position_loss'])
+  return out

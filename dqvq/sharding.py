@@ -90,3 +90,37 @@ def with_shardings(abstract_state: Any, shardings: Any) -> Any:
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       abstract_state, shardings)
+
+
+def _path_keys(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+               for k in path)
+
+
+def logical_state_shardings(abstract_state: Any, param_specs: Any, mesh: Mesh,
+                            rules: Sequence[tuple[str, str | None]]) -> Any:
+  """Shardings from the logical axis names a model's weights carry.
+
+  `param_specs` is `flax.linen.get_partition_spec` of the boxed params
+  (logical names per axis). Any state leaf whose path ends with a parameter's
+  path (the parameter itself, Adam's mu and nu, ...) gets that parameter's
+  mesh spec under `rules`; everything else (step, counters, keys) falls back
+  to `infer_state_shardings`. Matching by path suffix works for any optax
+  chain without knowing its state classes.
+  """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  by_path = {}
+  for path, spec in jax.tree_util.tree_flatten_with_path(
+      param_specs, is_leaf=lambda x: isinstance(x, P))[0]:
+    by_path[_path_keys(path)] = nn.logical_to_mesh_axes(spec, rules)
+  longest = max((len(k) for k in by_path), default=0)
+
+  def leaf(path, x):
+    keys = _path_keys(path)
+    for n in range(min(longest, len(keys)), 0, -1):
+      spec = by_path.get(keys[-n:])
+      if spec is not None and len(spec) == len(np.shape(x)):
+        return NamedSharding(mesh, spec)
+    return NamedSharding(mesh, fsdp_spec(np.shape(x), mesh.shape['fsdp']))
+
+  return jax.tree_util.tree_map_with_path(leaf, abstract_state)

@@ -1,6 +1,7 @@
 """Entry point: `python -m dqvq.train --config configs/NAME.py --workdir DIR`.
 
-Trains the stage named by `config.stage`, resuming from DIR's checkpoints.
+Trains the stage named by `config.stage`, resuming from DIR's checkpoints
+(the demo config trains both stages, in DIR/stage1 and DIR/stage2).
 Any config field can be overridden: `--config.batch_size=64`,
 `--config.model.grain_ratios='(0.7,0.3)'`.
 """
@@ -26,16 +27,32 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # Lazy imports so `--help` is fast and flags parse before jax initialises.
-  from dqvq.trainers import loop  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   logging.info('JAX: %d processes, %d devices (%s).', jax.process_count(),
                jax.device_count(), jax.devices()[0].platform)
-  if config.stage != 1:
-    raise app.UsageError(f'config.stage={config.stage}: only stage 1 is built '
-                         'so far.')
+  run(config, workdir)
+
+
+def run(config, workdir: str) -> None:
+  """Trains what `config` names; a stage-2 config that carries its own
+  tokenizer config (`config.tokenizer.stage1`, as the demo does) trains that
+  first in `workdir/stage1` and itself in `workdir/stage2`. Both resume."""
+  from dqvq import config_lib  # pylint: disable=g-import-not-at-top
+  from dqvq.trainers import loop  # pylint: disable=g-import-not-at-top
+  stage1_config = (config.tokenizer.get('stage1') if config.stage == 2
+                   else None)
+  if stage1_config is not None:
+    # Every check of both stages before the first one trains.
+    config_lib.validate_config(config, tokenizer_ready=False)
+    stage1_dir = config.tokenizer.workdir or os.path.join(workdir, 'stage1')
+    logging.info('Stage 1 (tokenizer) in %s.', stage1_dir)
+    loop.train_and_evaluate(stage1_config, stage1_dir)
+    with config.unlocked():
+      config.tokenizer.workdir = stage1_dir
+    workdir = os.path.join(workdir, 'stage2')
+    logging.info('Stage 2 (transformer) in %s.', workdir)
   loop.train_and_evaluate(config, workdir)
 
 

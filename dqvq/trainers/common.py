@@ -1,4 +1,5 @@
-"""Pieces both stages share: dtypes, learning-rate schedule, optimizers.
+"""Pieces both stages share: dtypes, learning-rate schedule, optimizers, and
+the `Task` a stage hands the shared loop.
 
 The schedule is the official `Scheduler_LinearWarmup_CosineDecay`: a linear
 warm-up from 0 (so the very first update uses lr 0, as LambdaLR does), then a
@@ -9,6 +10,7 @@ official `base_learning_rate * global_batch_size` when
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -80,3 +82,51 @@ def adam(config: ml_collections.ConfigDict,
   if opt.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
   return tx
+
+
+def decay_mask(params: Any) -> Any:
+  """True on linear-layer kernels: the official AdamW decays only those.
+
+  Biases, LayerNorm, embedding tables and the absolute position table are
+  not decayed (`Dualformer.configure_optimizers`).
+  """
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
+
+
+def adamw(config: ml_collections.ConfigDict,
+          schedule: Callable[[Array], Array]) -> optax.GradientTransformation:
+  """AdamW with decoupled weight decay on linear kernels, optional clip."""
+  opt = config.optim
+  tx = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                   weight_decay=opt.weight_decay, mask=decay_mask)
+  if opt.grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
+  return tx
+
+
+@dataclasses.dataclass
+class Task:
+  """What a stage hands the shared loop (`dqvq.trainers.loop`).
+
+  Attributes:
+    datasets: `dqvq.data.pipeline.Datasets`-like train/eval iterables.
+    init: rng -> fresh state (traced: used under eval_shape and jit).
+    state_shardings: abstract state -> NamedShardings on the mesh.
+    train_step: (state, batch, frozen) -> (state, metrics).
+    eval_step: (state, batch, frozen) -> pytree of per-batch sums.
+    summarize: host sums over the eval split -> {'val/...': float}.
+    pictures: (state, host batch, frozen, step) -> uint8 panel or None.
+    frozen: weights the steps read but never change (LPIPS, the tokenizer);
+      replicated on the mesh and passed to every step.
+    batch_keys: which host-batch arrays go to the device.
+  """
+  datasets: Any
+  init: Callable[[Array], Any]
+  state_shardings: Callable[[Any], Any]
+  train_step: Callable[..., Any]
+  eval_step: Callable[..., Any]
+  summarize: Callable[[dict[str, Any]], dict[str, float]]
+  pictures: Callable[..., Any]
+  frozen: Any
+  batch_keys: tuple[str, ...]

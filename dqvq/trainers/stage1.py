@@ -15,6 +15,7 @@ alternations and this one halves the cost.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -22,12 +23,17 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from dqvq import losses
+from dqvq import sharding
+from dqvq import visualize
+from dqvq.data import pipeline
 from dqvq.models import discriminator as disc_lib
 from dqvq.models import dqvae
 from dqvq.models import perceptual
+from dqvq.models import quantizer
 from dqvq.trainers import common
 
 Array = jax.Array
@@ -271,5 +277,52 @@ def lpips_params_for(config: ml_collections.ConfigDict) -> Any:
   return perceptual.load_lpips_params(config.lpips_weights or None)
 
 
+def summarize(sums: dict[str, Any]) -> dict[str, float]:
+  """Validation figures from the summed `eval_step` outputs of a split."""
+  total = dict(sums['sums'])
+  n = max(float(total.pop('count')), 1.0)
+  result = {f'val/{k}': float(v) / n for k, v in total.items()}
+  usage = jax.device_get(quantizer.usage_stats(jnp.asarray(
+      sums['code_counts'])))
+  result['val/codebook_usage'] = float(usage['codebook_usage'])
+  result['val/perplexity'] = float(usage['perplexity'])
+  return result
+
+
+def make_task(config: ml_collections.ConfigDict, workdir: str,
+              mesh: jax.sharding.Mesh) -> common.Task:
+  """Data, models and step functions of a stage-1 run."""
+  datasets = pipeline.create_datasets(  # prepares the demo data if needed
+      config.data, global_batch_size=config.batch_size, seed=config.seed,
+      mesh=mesh, eval_batch_size=config.eval_batch_size)
+  resolve_entropy_thresholds(config, workdir)
+  models = build_models(config)
+  res = config.data.resolution
+  recon_fn = jax.jit(functools.partial(reconstruct, models))
+
+  def pictures(state, host_batch, frozen, step):
+    del frozen, step
+    images = host_batch['image'][: config.num_images]
+    out = jax.device_get(recon_fn(state, jnp.asarray(images)))
+    # Small images are enlarged (nearest) so code cells stay visible.
+    zoom = max(1, 128 // images.shape[1])
+    up = lambda a: np.repeat(np.repeat(np.asarray(a), zoom, 1), zoom, 2)
+    return visualize.stage1_panel(
+        up(images), up(out['reconstruction']), out['grain_map'],
+        models.vae.num_grains, grain_factors=tuple(
+            f * zoom for f in models.vae.grain_factors))
+
+  return common.Task(
+      datasets=datasets,
+      init=functools.partial(init_state, models, image_shape=(1, res, res, 3)),
+      state_shardings=lambda abstract: sharding.infer_state_shardings(
+          abstract, mesh),
+      train_step=functools.partial(train_step, models),
+      eval_step=lambda state, batch, frozen: eval_step(models, state, batch),
+      summarize=summarize, pictures=pictures,
+      frozen=lpips_params_for(config), batch_keys=('image', 'label', 'mask'))
+
+
 __all__ = ['Stage1State', 'Stage1Models', 'build_models', 'init_state',
-           'train_step', 'eval_step', 'reconstruct', 'lpips_params_for']
+           'train_step', 'eval_step', 'reconstruct', 'lpips_params_for',
+           'make_task']

@@ -1,0 +1,249 @@
+"""DQ-Transformer: a Position-Transformer with a Content-Transformer stacked on it.
+
+The official StackGPT (`modules/dynamic_modules/stackgpt.py`), numerics and
+parameter names kept so official checkpoints map one to one:
+
+  x_t  = content_emb(c_t) + pos_emb_{g_t}(p_t) + seg_emb(g_t) + abs_pos[t]
+  H_p  = position stack (causal pre-LN blocks) over x       -> position head
+  H_c  = content stack over H_p + pos_emb_{g_{t+1}}(p_{t+1}) -> content head
+
+The content stack at step t is told where the next code goes (the true next
+position in training, the sampled one at generation) and nothing later,
+which is what lets it predict that code. The content embedding is shared by
+every granularity, each granularity has its own position table, and the
+position head scores every granularity over the finest vocabulary, as the
+official does.
+
+Two deliberate differences from the official code: pads are masked out as
+attention keys (the official attends to them), so what an image's tokens see
+never depends on how much padding its layout has; and attention goes through
+`jax.nn.dot_product_attention` so accelerators get fused kernels (dropout on
+attention probabilities, which the fused path cannot do, falls back to an
+explicit softmax in training).
+
+Weights carry logical axis names ('embed', 'mlp', 'heads', 'vocab'), which
+`dqvq.sharding` maps onto the ('data', 'fsdp') mesh so the large model shards
+its parameters and optimizer state over 'fsdp'.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dqvq import sequence
+from dqvq.models import grain as grain_lib
+
+Array = jax.Array
+
+# Logical axis -> mesh axis. Only the model width is sharded (FSDP): every
+# weight matrix has it, and activations stay batch-sharded.
+LOGICAL_AXIS_RULES = (('embed', 'fsdp'), ('mlp', None), ('heads', None),
+                      ('vocab', None), ('length', None))
+
+
+def _init(names: tuple[str | None, ...], init=nn.initializers.normal(0.02)):
+  return nn.with_logical_partitioning(init, names)
+
+
+def _dense(features: int, names: tuple[str, str], name: str, dtype: Any,
+           use_bias: bool = True) -> nn.Dense:
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
+                  kernel_init=_init(names),
+                  bias_init=nn.with_logical_partitioning(
+                      nn.initializers.zeros, (names[1],)))
+
+
+def _layer_norm(name: str, dtype: Any) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=1e-5, dtype=dtype, name=name,
+                      scale_init=nn.with_logical_partitioning(
+                          nn.initializers.ones, ('embed',)),
+                      bias_init=nn.with_logical_partitioning(
+                          nn.initializers.zeros, ('embed',)))
+
+
+def attention_mask(key_pad: Array) -> Array:
+  """(B, 1, T, T) causal mask that also hides pad keys."""
+  t = key_pad.shape[1]
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  return causal[None, None] & ~key_pad[:, None, None, :]
+
+
+class SelfAttention(nn.Module):
+  """Multi-head causal self-attention with separate q/k/v (official names)."""
+  num_heads: int
+  dropout: float = 0.0
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, train: bool) -> Array:
+    b, t, e = x.shape
+    d = e // self.num_heads
+    split = lambda y: y.reshape(b, t, self.num_heads, d)
+    q, k, v = (split(_dense(e, ('embed', 'heads'), n, self.dtype)(x))
+               for n in ('query', 'key', 'value'))
+    if train and self.dropout > 0:
+      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(d).astype(q.dtype)
+      logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+      probs = jax.nn.softmax(logits.astype(jnp.float32), -1).astype(v.dtype)
+      probs = nn.Dropout(self.dropout)(probs, deterministic=False)
+      out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    return _dense(e, ('heads', 'embed'), 'proj', self.dtype)(
+        out.reshape(b, t, e))
+
+
+class Block(nn.Module):
+  """minGPT pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+  num_heads: int
+  mlp_ratio: int = 4
+  attn_dropout: float = 0.0
+  resid_dropout: float = 0.0
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, train: bool) -> Array:
+    e = x.shape[-1]
+    drop = lambda y: nn.Dropout(self.resid_dropout)(y, deterministic=not train)
+    h = SelfAttention(self.num_heads, self.attn_dropout, self.dtype,
+                      name='attn')(_layer_norm('ln1', self.dtype)(x), mask,
+                                   train)
+    x = x + drop(h)
+    h = _layer_norm('ln2', self.dtype)(x)
+    h = _dense(self.mlp_ratio * e, ('embed', 'mlp'), 'mlp_0', self.dtype)(h)
+    h = nn.gelu(h, approximate=False)
+    h = _dense(e, ('mlp', 'embed'), 'mlp_2', self.dtype)(h)
+    return x + drop(h)
+
+
+class DQTransformer(nn.Module):
+  """StackGPT over a `sequence.StreamLayout`.
+
+  Attributes:
+    layout: token ids and capacities (vocabulary sizes follow from it).
+    width: n_embd (paper 1024).
+    num_heads: attention heads (paper 8).
+    position_layers: blocks of the Position-Transformer (paper 6).
+    content_layers: blocks of the Content-Transformer (paper 18; large 42).
+    block_size: rows of the learned absolute position table (official 2048);
+      must be at least layout.length - 1.
+    mlp_ratio: MLP hidden width / width.
+    embed_dropout, attn_dropout, resid_dropout: official 0.1 each.
+    dtype: compute dtype (params stay float32).
+  """
+  layout: sequence.StreamLayout
+  width: int = 1024
+  num_heads: int = 8
+  position_layers: int = 6
+  content_layers: int = 18
+  block_size: int = 2048
+  mlp_ratio: int = 4
+  embed_dropout: float = 0.1
+  attn_dropout: float = 0.1
+  resid_dropout: float = 0.1
+  dtype: Any = None
+
+  def validate(self) -> None:
+    if self.width % self.num_heads:
+      raise ValueError(f'width={self.width} is not divisible by num_heads='
+                       f'{self.num_heads}.')
+    if self.block_size < self.layout.length - 1:
+      raise ValueError(
+          f'block_size={self.block_size} is shorter than the '
+          f'{self.layout.length - 1} inputs of the token layout; raise '
+          'block_size or lower the stream capacities.')
+
+  def setup(self):
+    lay, e = self.layout, self.width
+    embed = lambda n, name: nn.Embed(
+        n, e, dtype=self.dtype, name=name,
+        embedding_init=_init(('vocab', 'embed')))
+    self.content_emb = embed(lay.content_vocab_size, 'content_emb')
+    roles = grain_lib.grain_role_names(lay.num_grains)
+    self.position_embs = [
+        embed(lay.position_vocab_size(k), f'content_{roles[k] or "grain"}_pos_emb')
+        for k in range(lay.num_grains)]
+    self.seg_emb = embed(lay.num_grains, 'seg_emb')
+    self.pos_emb = self.param(
+        'pos_emb', _init((None, 'length', 'embed'), nn.initializers.zeros),
+        (1, self.block_size, e))
+    block = lambda name: Block(self.num_heads, self.mlp_ratio,
+                               self.attn_dropout, self.resid_dropout,
+                               self.dtype, name=name)
+    self.position_blocks = [block(f'position_transformer_{i}')
+                            for i in range(self.position_layers)]
+    self.content_blocks = [block(f'content_transformer_{i}')
+                           for i in range(self.content_layers)]
+    self.position_head_ln = _layer_norm('position_head_ln', self.dtype)
+    self.position_head = _dense(lay.position_logits_size, ('embed', 'vocab'),
+                                'position_head', self.dtype, use_bias=False)
+    self.content_head_ln = _layer_norm('content_head_ln', self.dtype)
+    self.content_head = _dense(lay.content_vocab_size, ('embed', 'vocab'),
+                               'content_head', self.dtype, use_bias=False)
+    self.embed_drop = nn.Dropout(self.embed_dropout)
+
+  def position_embedding(self, position: Array, grain: Array) -> Array:
+    """Each token's position through its own granularity's table."""
+    out = jnp.zeros(position.shape + (self.width,), self.dtype or jnp.float32)
+    for k, table in enumerate(self.position_embs):
+      vocab = self.layout.position_vocab_size(k)
+      emb = table(jnp.clip(position, 0, vocab - 1))
+      out = jnp.where((grain == k)[..., None], emb, out)
+    return out
+
+  def embed_tokens(self, content: Array, position: Array, grain: Array,
+                   offset: int | Array = 0) -> Array:
+    """Input embedding of tokens at absolute slots offset, offset+1, ..."""
+    t = content.shape[1]
+    abs_pos = jax.lax.dynamic_slice_in_dim(self.pos_emb, offset, t, axis=1)
+    return (self.content_emb(content) + self.position_embedding(position, grain)
+            + self.seg_emb(grain) + abs_pos.astype(self.dtype or jnp.float32))
+
+  def __call__(self, inputs: dict[str, Array], next_position: Array,
+               next_grain: Array, train: bool = False
+               ) -> tuple[Array, Array]:
+    """Teacher-forced logits for every input slot.
+
+    Args:
+      inputs: (B, T) 'content', 'position', 'grain', 'pad' (slots 0..T-1).
+      next_position, next_grain: (B, T) the position token at slot t+1 and its
+        granularity, which the content stack is given at slot t.
+      train: dropout on.
+
+    Returns:
+      (position_logits (B, T, position_logits_size),
+       content_logits (B, T, content_vocab_size)), float32.
+    """
+    mask = attention_mask(inputs['pad'])
+    x = self.embed_tokens(inputs['content'], inputs['position'],
+                          inputs['grain'])
+    x = self.embed_drop(x, deterministic=not train)
+    for blk in self.position_blocks:
+      x = blk(x, mask, train)
+    h = x + self.position_embedding(next_position, next_grain)
+    for blk in self.content_blocks:
+      h = blk(h, mask, train)
+    pos_logits = self.position_head(self.position_head_ln(x))
+    con_logits = self.content_head(self.content_head_ln(h))
+    return pos_logits.astype(jnp.float32), con_logits.astype(jnp.float32)
+
+
+def paper_kwargs(size: str = 'base') -> dict[str, Any]:
+  """The paper's DQ-Transformer widths: base (6 + 18) or large (6 + 42)."""
+  if size not in ('base', 'large'):
+    raise ValueError(f'size={size!r}; choose base or large.')
+  return dict(width=1024, num_heads=8, position_layers=6,
+              content_layers=18 if size == 'base' else 42, block_size=2048,
+              mlp_ratio=4, embed_dropout=0.1, attn_dropout=0.1,
+              resid_dropout=0.1)
+
+
+def tiny_kwargs() -> dict[str, Any]:
+  """Toy widths for CPU tests (`:runlocal`)."""
+  return dict(width=32, num_heads=2, position_layers=1, content_layers=1,
+              block_size=1024, mlp_ratio=4, embed_dropout=0.0,
+              attn_dropout=0.0, resid_dropout=0.0)

@@ -1,0 +1,125 @@
+"""A trained DQ-VAE, frozen, as stage 2 and the tools use it.
+
+`load_stage1(workdir)` reads the config stored with a stage-1 run's
+checkpoint, rebuilds the model and restores its weights (params and EMA
+codebook). `Tokenizer.encode` turns images into the code map and grain map
+that `dqvq.sequence` turns into token streams, and `decode` turns code maps
+back into images. The fingerprint (a hash of every weight) is what token
+datasets record, so stage 2 can refuse tokens made by another checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dqvq import checkpoint as ckpt_lib
+from dqvq import sharding
+from dqvq.trainers import common
+from dqvq.trainers import stage1
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class Tokenizer:
+  """Frozen DQ-VAE weights plus the static module (a pytree: jit-friendly)."""
+  params: Any
+  codebook: Any
+  vae: Any = flax.struct.field(pytree_node=False)
+  config: Any = flax.struct.field(pytree_node=False)  # the stage-1 config
+  step: int = flax.struct.field(pytree_node=False, default=0)
+  fingerprint: str = flax.struct.field(pytree_node=False, default='')
+
+  @property
+  def variables(self) -> dict[str, Any]:
+    return {'params': self.params, 'codebook': self.codebook}
+
+  def encode(self, images: Array) -> dict[str, Array]:
+    """Images (B, H, W, 3) in [-1, 1] -> 'codes' (B, G, G), 'grain_map'."""
+    out = self.vae.apply(self.variables, images, train=False,
+                         method=self.vae.encode, rngs={
+                             'router': jax.random.key(0),
+                             'gumbel': jax.random.key(0)})
+    return {'codes': out['codes'].astype(jnp.int32),
+            'grain_map': out['grain_map'].astype(jnp.int32)}
+
+  def decode(self, codes: Array) -> Array:
+    """Code map (B, G, G) -> images in [-1, 1]."""
+    out = self.vae.apply(self.variables, codes, method=self.vae.decode_codes)
+    return jnp.clip(out, -1.0, 1.0)
+
+
+def fingerprint(tree: Any) -> str:
+  """SHA-256 (first 16 hex digits) over every leaf's path, dtype and bytes."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    arr = np.asarray(jax.device_get(leaf))
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(str(arr.dtype).encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+  return h.hexdigest()[:16]
+
+
+def _stage1_config(meta_config: dict[str, Any],
+                   workdir: str) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict(meta_config)
+  thresholds = config.model.get('entropy_thresholds')
+  if isinstance(thresholds, str) and thresholds and not os.path.exists(
+      thresholds):
+    # The run directory was moved: look for the table next to the checkpoints.
+    local = os.path.join(workdir, os.path.basename(thresholds))
+    if not os.path.exists(local):
+      raise FileNotFoundError(
+          f'The stage-1 run routes with {thresholds}, which does not exist '
+          f'(nor {local}); copy the entropy threshold JSON back.')
+    config.model.entropy_thresholds = local
+  return config
+
+
+def load_stage1(workdir: str, mesh: jax.sharding.Mesh | None = None
+                ) -> Tokenizer:
+  """The newest readable checkpoint of the stage-1 run in `workdir`."""
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(
+        f'No stage-1 checkpoints in {workdir!r}: train the tokenizer first '
+        '(python -m dqvq.train --config configs/<name>_stage1.py --workdir '
+        f'{workdir}) or point config.tokenizer.workdir at a finished run.')
+  checkpointer = ckpt_lib.Checkpointer(workdir, save_every=0)
+  step = checkpointer.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'{ckpt_dir} holds no finished checkpoint.')
+  meta = checkpointer.read_meta(step)
+  if not meta.get('config'):
+    raise ValueError(f'Checkpoint {step} in {workdir} stores no config; it was '
+                     'not written by dqvq.train.')
+  config = _stage1_config(meta['config'], workdir)
+  if config.get('stage', 1) != 1:
+    raise ValueError(f'{workdir} is a stage-{config.stage} run, not a '
+                     'tokenizer (stage 1).')
+  models = stage1.build_models(config)
+  mesh = mesh or sharding.create_mesh()
+  res = config.data.resolution
+  abstract = jax.eval_shape(lambda r: stage1.init_state(
+      models, r, (1, res, res, 3)), jax.random.key(0))
+  replicated = sharding.replicated(mesh)
+  target = sharding.with_shardings(
+      abstract, jax.tree.map(lambda _: replicated, abstract))
+  restored = checkpointer.restore_latest(target)
+  checkpointer.close()
+  state, step, _ = restored
+  vae = common.build_dqvae(config.model)
+  return Tokenizer(params=state.params, codebook=state.codebook, vae=vae,
+                   config=config, step=step,
+                   fingerprint=fingerprint((state.params, state.codebook)))
+
+
+__all__ = ['Tokenizer', 'load_stage1', 'fingerprint']

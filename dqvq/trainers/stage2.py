@@ -1,0 +1,269 @@
+"""Stage 2: training the DQ-Transformer on a frozen DQ-VAE's token streams.
+
+One step: codes and grain maps (from a token dataset written by
+`python -m dqvq.tokenize`, or encoded on the fly from images by the frozen
+tokenizer) -> coarse-to-fine streams (`dqvq.sequence`, inside the step, so
+the host only moves small integer maps) -> teacher-forced Position and
+Content logits -> the official loss (content CE + mean of per-granularity
+position CEs, pads ignored) -> AdamW (decay on linear kernels only).
+
+With label dropout (`model.label_dropout` > 0) a class-conditional model
+sees the null class instead of the label that often, so sampling can use
+classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from absl import logging
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dqvq import losses
+from dqvq import sequence
+from dqvq import sharding
+from dqvq import tokenizer as tokenizer_lib
+from dqvq import visualize
+from dqvq.data import pipeline
+from dqvq.models import transformer as transformer_lib
+from dqvq.trainers import common
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class Stage2State:
+  step: Array
+  params: Any
+  opt_state: Any
+  rng: Array
+
+
+@flax.struct.dataclass
+class Stage2Models:
+  model: transformer_lib.DQTransformer = flax.struct.field(pytree_node=False)
+  layout: sequence.StreamLayout = flax.struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  schedule: Any = flax.struct.field(pytree_node=False)
+  config: Any = flax.struct.field(pytree_node=False)
+
+
+def tokenizer_workdir(config: ml_collections.ConfigDict) -> str:
+  return config.tokenizer.workdir
+
+
+def build_layout(config: ml_collections.ConfigDict,
+                 tok: tokenizer_lib.Tokenizer) -> sequence.StreamLayout:
+  m = config.model
+  return sequence.layout_for(
+      tok.vae.grain_factors, config.data.resolution, tok.vae.codebook_size,
+      num_classes=m.num_classes, null_class=m.label_dropout > 0,
+      capacities=tuple(m.capacities) if m.capacities else None)
+
+
+def build_models(config: ml_collections.ConfigDict,
+                 layout: sequence.StreamLayout) -> Stage2Models:
+  m = config.model
+  model = transformer_lib.DQTransformer(
+      layout, width=m.width, num_heads=m.num_heads,
+      position_layers=m.position_layers, content_layers=m.content_layers,
+      block_size=m.block_size, mlp_ratio=m.mlp_ratio,
+      embed_dropout=m.embed_dropout, attn_dropout=m.attn_dropout,
+      resid_dropout=m.resid_dropout, dtype=common.compute_dtype(config))
+  model.validate()
+  schedule = common.learning_rate_schedule(config)
+  return Stage2Models(model, layout, common.adamw(config, schedule), schedule,
+                      config)
+
+
+def _dummy_inputs(layout: sequence.StreamLayout) -> dict[str, Array]:
+  t = layout.length - 1
+  ints = jnp.zeros((1, t), jnp.int32)
+  return {'content': ints, 'position': ints, 'grain': ints,
+          'pad': jnp.zeros((1, t), bool)}
+
+
+def init_variables(models: Stage2Models, rng: Array) -> Any:
+  """Boxed (logically partitioned) variables."""
+  x = _dummy_inputs(models.layout)
+  return models.model.init({'params': rng, 'dropout': rng}, x, x['position'],
+                           x['grain'])
+
+
+def init_state(models: Stage2Models, rng: Array) -> Stage2State:
+  init_rng, state_rng = jax.random.split(rng)
+  params = nn.unbox(init_variables(models, init_rng)['params'])
+  return Stage2State(step=jnp.zeros((), jnp.int32), params=params,
+                     opt_state=models.tx.init(params), rng=state_rng)
+
+
+def state_shardings(models: Stage2Models, mesh: jax.sharding.Mesh,
+                    abstract: Stage2State) -> Any:
+  boxed = jax.eval_shape(init_variables, models, jax.random.key(0))
+  specs = nn.get_partition_spec(boxed)['params']
+  return sharding.logical_state_shardings(
+      abstract, specs, mesh, transformer_lib.LOGICAL_AXIS_RULES)
+
+
+def codes_of(batch: dict[str, Array], tok: tokenizer_lib.Tokenizer
+             ) -> tuple[Array, Array]:
+  """Code and grain maps from a token batch, or encoded from its images."""
+  if 'codes' in batch:
+    return batch['codes'], batch['grain_map']
+  out = tok.encode(batch['image'])
+  return (jax.lax.stop_gradient(out['codes']),
+          jax.lax.stop_gradient(out['grain_map']))
+
+
+def _labels(models: Stage2Models, batch: dict[str, Array],
+            rng: Array | None) -> Array | None:
+  lay = models.layout
+  if not lay.num_classes:
+    return None
+  labels = batch['label'].astype(jnp.int32)
+  p = models.config.model.label_dropout
+  if rng is not None and p > 0:
+    drop = jax.random.bernoulli(rng, p, labels.shape)
+    labels = jnp.where(drop, lay.num_classes, labels)  # the null class
+  return labels
+
+
+def _forward(models, params, batch, tok, train, rngs=None):
+  codes, grain_map = codes_of(batch, tok)
+  labels = _labels(models, batch, rngs['label'] if rngs else None)
+  streams = sequence.encode(codes, grain_map, models.layout, labels)
+  io = sequence.model_inputs(streams)
+  pos_logits, con_logits = models.model.apply(
+      {'params': params}, io['inputs'], io['targets']['position'],
+      io['targets']['grain'], train=train,
+      rngs={'dropout': rngs['dropout']} if rngs else None)
+  sums = losses.token_loss_sums(pos_logits, con_logits, io['targets'],
+                                models.layout.num_grains, batch.get('mask'))
+  return sums, streams, con_logits
+
+
+def train_step(models: Stage2Models, state: Stage2State,
+               batch: dict[str, Array], tok: tokenizer_lib.Tokenizer
+               ) -> tuple[Stage2State, dict[str, Array]]:
+  cfg = models.config
+  keys = jax.random.split(jax.random.fold_in(state.rng, state.step), 2)
+  rngs = {'dropout': keys[0], 'label': keys[1]}
+  num_grains = models.layout.num_grains
+
+  def loss_fn(params):
+    sums, streams, _ = _forward(models, params, batch, tok, True, rngs)
+    out = losses.token_losses(sums, num_grains, cfg.loss.content_weight,
+                              cfg.loss.position_weight)
+    out['code_length'] = jnp.mean(streams['num_codes'].astype(jnp.float32))
+    out['truncated'] = jnp.mean(streams['truncated'].astype(jnp.float32))
+    return out['loss'], out
+
+  grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = models.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics['grad_norm'] = optax.global_norm(grads)
+  metrics['learning_rate'] = models.schedule(state.step)
+  return state.replace(step=state.step + 1, params=params,
+                       opt_state=opt_state), metrics
+
+
+def eval_step(models: Stage2Models, state: Stage2State,
+              batch: dict[str, Array], tok: tokenizer_lib.Tokenizer
+              ) -> dict[str, Array]:
+  sums, streams, _ = _forward(models, state.params, batch, tok, False)
+  mask = batch['mask'].astype(jnp.float32)
+  sums['images'] = jnp.sum(mask)
+  sums['code_length'] = jnp.sum(streams['num_codes'] * mask)
+  return sums
+
+
+def summarize(models: Stage2Models, sums: dict[str, Any]) -> dict[str, float]:
+  out = losses.token_losses(
+      {k: jnp.asarray(v) for k, v in sums.items()}, models.layout.num_grains,
+      models.config.loss.content_weight, models.config.loss.position_weight)
+  result = {f'val/{k}': float(v) for k, v in out.items()}
+  result['val/code_length'] = float(sums['code_length']) / max(
+      float(sums['images']), 1.0)
+  return result
+
+
+def teacher_forced(models: Stage2Models, state: Stage2State,
+                   batch: dict[str, Array], tok: tokenizer_lib.Tokenizer
+                   ) -> dict[str, Array]:
+  """Images from the true tokens and from the model's top-1 next codes.
+
+  The second decodes, at every true position, the code the model ranks
+  first given the true prefix: how well it has learned the data, before
+  any sampler runs.
+  """
+  _, streams, con_logits = _forward(models, state.params, batch, tok, False)
+  predicted = jnp.argmax(con_logits, -1)
+  target_content = streams['content'][:, 1:]
+  content = streams['content'].at[:, 1:].set(
+      jnp.where(target_content < models.layout.codebook_size, predicted,
+                target_content))
+  true_codes, _ = sequence.decode(streams['content'], streams['position'],
+                                  models.layout)
+  pred_codes, _ = sequence.decode(content, streams['position'], models.layout)
+  return {'true': tok.decode(true_codes), 'predicted': tok.decode(pred_codes),
+          'grain_map': sequence.grain_map_from_streams(streams['position'],
+                                                       models.layout)}
+
+
+def make_task(config: ml_collections.ConfigDict, workdir: str,
+              mesh: jax.sharding.Mesh) -> common.Task:
+  """Tokenizer, data, model and step functions of a stage-2 run."""
+  del workdir
+  tok = tokenizer_lib.load_stage1(tokenizer_workdir(config), mesh)
+  logging.info('Tokenizer: %s step %d (fingerprint %s).',
+               tokenizer_workdir(config), tok.step, tok.fingerprint)
+  layout = build_layout(config, tok)
+  models = build_models(config, layout)
+  logging.info('Token layout: grids %s, capacities %s, sequence length %d.',
+               layout.grid_sizes, layout.stream_capacities, layout.length)
+  if config.tokens_dir:
+    from dqvq.data import tokens  # pylint: disable=g-import-not-at-top
+    tokens.verify_token_dataset(tok, config.tokens_dir)
+    datasets = tokens.create_token_datasets(
+        config.tokens_dir, global_batch_size=config.batch_size,
+        seed=config.seed, mesh=mesh, eval_batch_size=config.eval_batch_size)
+    batch_keys = ('codes', 'grain_map', 'label', 'mask')
+  else:
+    datasets = pipeline.create_datasets(
+        config.data, global_batch_size=config.batch_size, seed=config.seed,
+        mesh=mesh, eval_batch_size=config.eval_batch_size)
+    batch_keys = ('image', 'label', 'mask')
+  recon_fn = jax.jit(lambda s, b, t: teacher_forced(models, s, b, t))
+
+  def pictures(state, host_batch, frozen, step):
+    del step
+    n = config.num_images
+    batch = {k: np.asarray(host_batch[k][:n]) for k in batch_keys}
+    out = jax.device_get(recon_fn(state, batch, frozen))
+    zoom = max(1, 128 // out['true'].shape[1])
+    up = lambda a: np.repeat(np.repeat(np.asarray(a), zoom, 1), zoom, 2)
+    return visualize.stage1_panel(
+        up(out['true']), up(out['predicted']), out['grain_map'],
+        layout.num_grains, grain_factors=tuple(
+            f * zoom for f in tok.vae.grain_factors))
+
+  return common.Task(
+      datasets=datasets,
+      init=lambda rng: init_state(models, rng),
+      state_shardings=lambda abstract: state_shardings(models, mesh, abstract),
+      train_step=lambda s, b, t: train_step(models, s, b, t),
+      eval_step=lambda s, b, t: eval_step(models, s, b, t),
+      summarize=lambda sums: summarize(models, sums),
+      pictures=pictures, frozen=tok, batch_keys=batch_keys)
+
+
+def default_tokenizer_workdir(workdir: str) -> str:
+  """Where a two-stage run (the demo) keeps its stage-1 run."""
+  return os.path.join(workdir, 'stage1')
