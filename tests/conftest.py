@@ -38,3 +38,25 @@ def demo_data_dir(tmp_path_factory) -> str:
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   demo.load_demo(data_dir)
   return data_dir
+
+
+def load_config(name: str, arg: str = 'runlocal'):
+  """`configs/NAME.py`'s get_config(arg), imported by path."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(
+      f'cfg_{name}', os.path.join(root, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope='session')
+def stage1_workdir(demo_data_dir, tmp_path_factory) -> str:
+  """A finished 2-step `:runlocal` demo tokenizer run (stage 2's input)."""
+  from dqvq.trainers import loop  # pylint: disable=g-import-not-at-top
+  c = load_config('demo').stage1_config('runlocal')
+  c.data.data_dir = demo_data_dir
+  workdir = str(tmp_path_factory.mktemp('stage1'))
+  loop.train_and_evaluate(c, workdir)
+  return workdir

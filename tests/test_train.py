@@ -1,4 +1,7 @@
-"""Stage-1 training system: smoke runs, resume, preemption, sharding, config."""
+"""Stage-1 training system: smoke runs, resume, preemption, sharding, config.
+
+Stage 2 and the two-stage demo are in test_stage2.py.
+"""
 
 import functools
 import importlib.util
@@ -22,10 +25,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name: str, arg: str = 'runlocal'):
+  """configs/NAME.py's config; 'demo' means the demo's stage-1 part."""
   path = os.path.join(ROOT, 'configs', f'{name}.py')
   spec = importlib.util.spec_from_file_location(f'cfg_{name}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  if name == 'demo':
+    return module.stage1_config(arg)
   return module.get_config(arg)
 
 
@@ -76,7 +82,8 @@ def test_resume_equals_uninterrupted_bitwise(demo_data_dir, tmp_path):
 def test_sigterm_leaves_restorable_checkpoint(demo_data_dir, tmp_path):
   workdir = tmp_path / 'run'
   cmd = [sys.executable, '-m', 'dqvq.train',
-         f'--config={ROOT}/configs/demo.py:runlocal', f'--workdir={workdir}',
+         f'--config={ROOT}/configs/ffhq_stage1.py:runlocal',
+         f'--workdir={workdir}',
          f'--config.data.data_dir={demo_data_dir}',
          '--config.num_train_steps=10000', '--config.checkpoint_every=10000',
          '--config.eval_every=10000', '--config.image_every=10000']
@@ -99,8 +106,8 @@ def test_sigterm_leaves_restorable_checkpoint(demo_data_dir, tmp_path):
   steps = [int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit()]
   assert steps and max(steps) < 10000
   # The run resumes from it.
-  c = tiny(demo_data_dir, num_train_steps=max(steps) + 1, eval_every=10000,
-           image_every=10000)
+  c = tiny(demo_data_dir, 'ffhq_stage1', num_train_steps=max(steps) + 1,
+           eval_every=10000, image_every=10000)
   state = loop.train_and_evaluate(c, str(workdir))
   assert int(state.step) == max(steps) + 1
 

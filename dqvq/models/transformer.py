@@ -196,12 +196,19 @@ class DQTransformer(nn.Module):
     return out
 
   def embed_tokens(self, content: Array, position: Array, grain: Array,
-                   offset: int | Array = 0) -> Array:
-    """Input embedding of tokens at absolute slots offset, offset+1, ..."""
+                   pad: Array | None = None, offset: int | Array = 0) -> Array:
+    """Input embedding of tokens at absolute slots offset, offset+1, ...
+
+    Pad slots embed to zero: they are hidden as attention keys, and the one
+    pad slot whose output is used (the last pad of a stream predicts the next
+    stream's sos) then depends on no pad embedding either.
+    """
     t = content.shape[1]
     abs_pos = jax.lax.dynamic_slice_in_dim(self.pos_emb, offset, t, axis=1)
-    return (self.content_emb(content) + self.position_embedding(position, grain)
-            + self.seg_emb(grain) + abs_pos.astype(self.dtype or jnp.float32))
+    x = (self.content_emb(content) + self.position_embedding(position, grain)
+         + self.seg_emb(grain) + abs_pos.astype(self.dtype or jnp.float32))
+    return x if pad is None else jnp.where(pad[..., None], 0.0, x).astype(
+        x.dtype)
 
   def __call__(self, inputs: dict[str, Array], next_position: Array,
                next_grain: Array, train: bool = False
@@ -220,7 +227,7 @@ class DQTransformer(nn.Module):
     """
     mask = attention_mask(inputs['pad'])
     x = self.embed_tokens(inputs['content'], inputs['position'],
-                          inputs['grain'])
+                          inputs['grain'], inputs['pad'])
     x = self.embed_drop(x, deterministic=not train)
     for blk in self.position_blocks:
       x = blk(x, mask, train)
