@@ -200,7 +200,8 @@ def encode(codes: Array, grain_map: Array, layout: StreamLayout,
     con = jnp.where(eos_here, v + 1, con)
     positions.append(pos)
     contents.append(con)
-    pads.append(idx > (count + 1)[:, None])
+    # A truncated stream has no eos; its extra last slot is a pad.
+    pads.append(idx > jnp.where(count > cap, cap, count + 1)[:, None])
     truncated |= count > cap
     num_codes += jnp.minimum(count, cap)
   grain = jnp.broadcast_to(layout.grain_ids(), (b, layout.length))

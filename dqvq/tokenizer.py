@@ -37,6 +37,7 @@ class Tokenizer:
   config: Any = flax.struct.field(pytree_node=False)  # the stage-1 config
   step: int = flax.struct.field(pytree_node=False, default=0)
   fingerprint: str = flax.struct.field(pytree_node=False, default='')
+  workdir: str = flax.struct.field(pytree_node=False, default='')
 
   @property
   def variables(self) -> dict[str, Any]:
@@ -118,7 +119,7 @@ def load_stage1(workdir: str, mesh: jax.sharding.Mesh | None = None
   state, step, _ = restored
   vae = common.build_dqvae(config.model)
   return Tokenizer(params=state.params, codebook=state.codebook, vae=vae,
-                   config=config, step=step,
+                   config=config, step=step, workdir=os.path.abspath(workdir),
                    fingerprint=fingerprint((state.params, state.codebook)))
 
 

@@ -57,6 +57,9 @@ def stage1_workdir(demo_data_dir, tmp_path_factory) -> str:
   from dqvq.trainers import loop  # pylint: disable=g-import-not-at-top
   c = load_config('demo').stage1_config('runlocal')
   c.data.data_dir = demo_data_dir
+  c.entropy_num_images = 32  # the 'auto' entropy table from a few images
+  c.eval_every = c.image_every = 1000  # no eval pass or pictures needed
+  c.checkpoint_every = 2  # one save: the tokenizer is the last step
   workdir = str(tmp_path_factory.mktemp('stage1'))
   loop.train_and_evaluate(c, workdir)
   return workdir

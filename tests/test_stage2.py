@@ -5,6 +5,7 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -45,6 +46,21 @@ def test_two_step_smoke_run_per_config(name, arg, stage1_workdir,
   assert '2' in os.listdir(tmp_path / 'checkpoints')
   assert os.listdir(tmp_path / 'pictures')
   assert np.all(np.isfinite(np.asarray(jax.tree.leaves(state.params)[0])))
+
+
+def test_two_step_run_from_token_dataset(stage1_workdir, demo_data_dir,
+                                         tmp_path):
+  from dqvq.data import tokens  # pylint: disable=g-import-not-at-top
+  tok = tokenizer_lib.load_stage1(stage1_workdir)
+  data = ml_collections.ConfigDict(tok.config.data.to_dict())
+  data.train_split, data.eval_split = 'train[:32]', 'validation[:16]'
+  tokens_dir = str(tmp_path / 'tokens')
+  tokens.write_token_dataset(tok, tokens_dir, data_config=data, batch_size=16,
+                             stage1_workdir=stage1_workdir)
+  c = stage2_config(stage1_workdir, demo_data_dir, tokens_dir=tokens_dir)
+  state = loop.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert int(state.step) == 2
+  assert os.listdir(tmp_path / 'run' / 'pictures')
 
 
 def test_demo_trains_both_stages(demo_data_dir, tmp_path):
@@ -191,7 +207,7 @@ def test_stage2_config_validation_errors(stage1_workdir, demo_data_dir,
   with pytest.raises(FileNotFoundError, match='dqvq.tokenize'):
     config_lib.validate_config(c)
   c = stage2_config(stage1_workdir, demo_data_dir)
-  c.model.width = 36
+  c.model.width = 33
   with pytest.raises(ValueError, match='num_heads'):
     config_lib.validate_config(c)
   c = stage2_config(stage1_workdir, demo_data_dir)

@@ -17,3 +17,4 @@ from dqvq.data.pipeline import shard_for_host
 from dqvq.data.sources import DataNotPreparedError
 from dqvq.data.sources import KNOWN_DATASETS
 from dqvq.data.sources import validate_data_config
+from dqvq.data.token_pipeline import create_token_datasets

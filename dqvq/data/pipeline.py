@@ -259,10 +259,17 @@ class Datasets:
   eval_batches: int
 
 
-def _batch_divisor(mesh: jax.sharding.Mesh | None) -> int:
-  if mesh is None:
-    return 1
-  return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
+def check_batch_sizes(global_batch_size: int, eval_batch_size: int,
+                      shard_count: int, mesh: jax.sharding.Mesh | None) -> None:
+  """Both batches split evenly over the processes and the mesh batch axes."""
+  divisor = 1 if mesh is None else math.prod(
+      mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
+  for field, size in (('global_batch_size', global_batch_size),
+                      ('eval_batch_size', eval_batch_size)):
+    if size <= 0 or size % shard_count or size % divisor:
+      raise ValueError(
+          f'{field}={size} must be a positive multiple of the process count '
+          f'({shard_count}) and of the mesh batch axes size ({divisor}).')
 
 
 def create_datasets(config_data: ml_collections.ConfigDict, *,
@@ -285,13 +292,7 @@ def create_datasets(config_data: ml_collections.ConfigDict, *,
   shard_index = default_index if shard_index is None else shard_index
   shard_count = default_count if shard_count is None else shard_count
   eval_batch_size = eval_batch_size or global_batch_size
-  divisor = _batch_divisor(mesh)
-  for field, size in (('global_batch_size', global_batch_size),
-                      ('eval_batch_size', eval_batch_size)):
-    if size <= 0 or size % shard_count or size % divisor:
-      raise ValueError(
-          f'{field}={size} must be a positive multiple of the process count '
-          f'({shard_count}) and of the mesh batch axes size ({divisor}).')
+  check_batch_sizes(global_batch_size, eval_batch_size, shard_count, mesh)
   srcs = sources_lib.load_sources(config_data)
   common = dict(resolution=config_data.resolution, shard_index=shard_index,
                 shard_count=shard_count,

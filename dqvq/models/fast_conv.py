@@ -152,6 +152,48 @@ def _weight_grad_taps(x: Array, dy: Array, kernel_shape: Sequence[int],
   return jnp.stack(taps).reshape(kh, kw, cin, cout).astype(dtype)
 
 
+def _weight_grad_rows(x: Array, dy: Array, kernel_shape: Sequence[int],
+                      padding: PadPairs, precision: Any, dtype: Any) -> Array:
+  """Stride-1 dW as one (Cin, N') @ (N', kw*Cout) matmul per kernel row.
+
+  A per-tap matmul has a tiny (Cin, Cout) output and a huge contraction,
+  which XLA:CPU's matmul runs well below its square-matrix rate. Here the
+  kw column shifts of dy are stacked along its channel axis, placed on the
+  padded input's width: D[b, h, w', j*Cout + o] = dy[b, h, w' - j, o] (zero
+  outside). Then for kernel row i,
+
+    dW[i, j, c, o] = sum_{b, h, w'} x_pad[b, h + i, w', c] D[b, h, w', j*Cout + o],
+
+  so one matmul per row, on a contiguous row block of x_pad, yields a whole
+  kernel row: kw times wider outputs, kh instead of kh*kw matmuls, for
+  kw copies of dy (not of x). 1.25-1.4x faster than per-tap matmuls at the
+  DQ-VAE's shapes (benchmarks/conv_variants.py --weight_grad).
+  """
+  kh, kw, cin, cout = kernel_shape
+  b, ho, wo, _ = dy.shape
+  zero = jnp.zeros((), x.dtype)
+  x_pad = lax.pad(x, zero, ((0, 0, 0), (*padding[0], 0), (*padding[1], 0),
+                            (0, 0, 0)))
+  wp = x_pad.shape[2]
+  if kw == 1:
+    stacked = dy
+  else:
+    dzero = jnp.zeros((), dy.dtype)
+    stacked = jnp.concatenate(
+        [lax.pad(dy, dzero, ((0, 0, 0), (0, 0, 0), (j, kw - 1 - j, 0),
+                             (0, 0, 0))) for j in range(kw)], axis=-1)
+  stacked = stacked.reshape(b * ho * wp, kw * cout)
+  rows = []
+  for i in range(kh):
+    window = lax.slice_in_dim(x_pad, i, i + ho, axis=1)
+    rows.append(lax.dot_general(
+        window.reshape(b * ho * wp, cin), stacked, (((0,), (0,)), ((), ())),
+        precision=precision, preferred_element_type=jnp.float32))
+  # rows[i][c, j*Cout + o] = dW[i, j, c, o].
+  dw = jnp.stack(rows).reshape(kh, cin, kw, cout).transpose(0, 2, 1, 3)
+  return dw.astype(dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _fast_conv(x: Array, kernel: Array, strides: tuple[int, int],
                padding: PadPairs, precision: Any) -> Array:
@@ -166,17 +208,71 @@ def _fast_conv_bwd(strides, padding, precision, residuals, dy):
   x, kernel = residuals
   # XLA's own input gradient (a conv of dy with the flipped kernel and, for
   # strides > 1, lhs dilation): linear_transpose emits exactly what jax.grad
-  # would, without re-running the forward. Tap-wise scatter matmuls were
-  # measured as no faster, even for the strided cases.
+  # would, without re-running the forward. It runs at the forward's rate for
+  # stride 1 (benchmarks/stage1_profile.py --part convs); tap-wise scatter
+  # matmuls were measured as no faster.
   (dx,) = jax.linear_transpose(
       lambda xx: _plain_conv(xx, kernel, strides, padding, precision),
       jax.ShapeDtypeStruct(x.shape, x.dtype))(dy)
-  dw = _weight_grad_taps(x, dy, kernel.shape, strides, padding, precision,
-                         kernel.dtype, jax.typeof(kernel).sharding)
+  kernel_sharding = jax.typeof(kernel).sharding
+  if (strides == (1, 1) and
+      _weight_grad_sharding(x, kernel_sharding) is None):
+    dw = _weight_grad_rows(x, dy, kernel.shape, padding, precision,
+                           kernel.dtype)
+  else:
+    # Strided convs normally arrive here already rewritten to stride 1 (see
+    # `_space_to_depth_conv`); explicitly sharded ones keep per-tap matmuls,
+    # whose (Cin, Cout) outputs take the kernel's own sharding.
+    dw = _weight_grad_taps(x, dy, kernel.shape, strides, padding, precision,
+                           kernel.dtype, kernel_sharding)
   return dx, dw
 
 
 _fast_conv.defvjp(_fast_conv_fwd, _fast_conv_bwd)
+
+
+def _space_to_depth_conv(x: Array, kernel: Array, strides: tuple[int, int],
+                         padding: PadPairs, precision: Any) -> Array | None:
+  """A strided conv as a stride-1 conv on a space-to-depth input.
+
+  XLA:CPU runs strided convolutions far below its stride-1 rate (the
+  Downsample's 3x3 stride-2 forward at ~1/4 of it, its weight gradient
+  slower still). With s = stride, output row o reads padded rows s*o + i,
+  i < kh; writing i = s*a + p (a < ceil(kh/s), p < s) and folding p into the
+  channels, the same sum is a stride-1, ceil(kh/s)-tap conv:
+
+    y[o] = sum_{a, p} x_s2d[o + a][p] k_pad[s*a + p],
+
+  with the kernel zero-padded to a multiple of s (k_pad = 0 for i >= kh).
+  For 4x4 stride 2 this costs no extra FLOPs, for 3x3 stride 2 it costs
+  16/9 of them, at a 2-4x higher rate. The rearrangements are reshapes and
+  transposes, so autodiff gives exact gradients (the zero taps' weight
+  gradient is computed and dropped). Returns None for shapes with no output.
+  """
+  b, h, w, cin = x.shape
+  kh, kw, _, cout = kernel.shape
+  sh, sw = strides
+  (pt, pb), (pl, pr) = padding
+  ho = (h + pt + pb - kh) // sh + 1
+  wo = (w + pl + pr - kw) // sw + 1
+  if ho < 1 or wo < 1:
+    return None
+  ah, aw = -(-kh // sh), -(-kw // sw)  # Taps per axis after the rewrite.
+  hs, ws = sh * (ho + ah - 1), sw * (wo + aw - 1)
+  # Pads to exactly hs x ws: extra zero rows meet only zero taps, and rows no
+  # output reads are cropped (negative high padding).
+  zero = jnp.zeros((), x.dtype)
+  x = lax.pad(x, zero, ((0, 0, 0), (pt, hs - h - pt, 0), (pl, ws - w - pl, 0),
+                        (0, 0, 0)))
+  x = x.reshape(b, hs // sh, sh, ws // sw, sw, cin)
+  x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, hs // sh, ws // sw,
+                                            sh * sw * cin)
+  kzero = jnp.zeros((), kernel.dtype)
+  k = lax.pad(kernel, kzero, ((0, ah * sh - kh, 0), (0, aw * sw - kw, 0),
+                              (0, 0, 0), (0, 0, 0)))
+  k = k.reshape(ah, sh, aw, sw, cin, cout).transpose(0, 2, 1, 3, 4, 5)
+  k = k.reshape(ah, aw, sh * sw * cin, cout)
+  return _fast_conv(x, k, (1, 1), ((0, 0), (0, 0)), precision)
 
 
 def conv2d(x: Array, kernel: Array, strides: Sequence[int] = (1, 1),
@@ -205,6 +301,10 @@ def conv2d(x: Array, kernel: Array, strides: Sequence[int] = (1, 1),
   strides = tuple(int(s) for s in strides)
   pads = _normalize_padding(padding, x.shape, kernel.shape, strides)
   if use_fast_conv_grad():
+    if strides != (1, 1):
+      y = _space_to_depth_conv(x, kernel, strides, pads, precision)
+      if y is not None:
+        return y
     return _fast_conv(x, kernel, strides, pads, precision)
   return _plain_conv(x, kernel, strides, pads, precision)
 

@@ -210,9 +210,20 @@ class DQTransformer(nn.Module):
     return x if pad is None else jnp.where(pad[..., None], 0.0, x).astype(
         x.dtype)
 
+  def next_position_embedding(self, next_position: Array, next_grain: Array,
+                              next_pad: Array | None = None) -> Array:
+    """What the content stack is told at slot t: where slot t+1 goes.
+
+    Zero when slot t+1 is a pad (after an eos), so no pad row is ever read.
+    """
+    emb = self.position_embedding(next_position, next_grain)
+    if next_pad is None:
+      return emb
+    return jnp.where(next_pad[..., None], 0.0, emb).astype(emb.dtype)
+
   def __call__(self, inputs: dict[str, Array], next_position: Array,
-               next_grain: Array, train: bool = False
-               ) -> tuple[Array, Array]:
+               next_grain: Array, train: bool = False,
+               next_pad: Array | None = None) -> tuple[Array, Array]:
     """Teacher-forced logits for every input slot.
 
     Args:
@@ -220,6 +231,7 @@ class DQTransformer(nn.Module):
       next_position, next_grain: (B, T) the position token at slot t+1 and its
         granularity, which the content stack is given at slot t.
       train: dropout on.
+      next_pad: (B, T) whether slot t+1 is a pad.
 
     Returns:
       (position_logits (B, T, position_logits_size),
@@ -231,7 +243,7 @@ class DQTransformer(nn.Module):
     x = self.embed_drop(x, deterministic=not train)
     for blk in self.position_blocks:
       x = blk(x, mask, train)
-    h = x + self.position_embedding(next_position, next_grain)
+    h = x + self.next_position_embedding(next_position, next_grain, next_pad)
     for blk in self.content_blocks:
       h = blk(h, mask, train)
     pos_logits = self.position_head(self.position_head_ln(x))

@@ -143,6 +143,7 @@ def _forward(models, params, batch, tok, train, rngs=None):
   pos_logits, con_logits = models.model.apply(
       {'params': params}, io['inputs'], io['targets']['position'],
       io['targets']['grain'], train=train,
+      next_pad=io['targets']['pad'],
       rngs={'dropout': rngs['dropout']} if rngs else None)
   sums = losses.token_loss_sums(pos_logits, con_logits, io['targets'],
                                 models.layout.num_grains, batch.get('mask'))
@@ -229,9 +230,12 @@ def make_task(config: ml_collections.ConfigDict, workdir: str,
   logging.info('Token layout: grids %s, capacities %s, sequence length %d.',
                layout.grid_sizes, layout.stream_capacities, layout.length)
   if config.tokens_dir:
-    from dqvq.data import tokens  # pylint: disable=g-import-not-at-top
+    # pylint: disable=g-import-not-at-top
+    from dqvq.data import token_pipeline
+    from dqvq.data import tokens
+    # pylint: enable=g-import-not-at-top
     tokens.verify_token_dataset(tok, config.tokens_dir)
-    datasets = tokens.create_token_datasets(
+    datasets = token_pipeline.create_token_datasets(
         config.tokens_dir, global_batch_size=config.batch_size,
         seed=config.seed, mesh=mesh, eval_batch_size=config.eval_batch_size)
     batch_keys = ('codes', 'grain_map', 'label', 'mask')
