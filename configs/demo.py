@@ -1,5 +1,10 @@
 """The README's demo: both stages on the embedded photographs, on a CPU.
 
+One command trains the tokenizer (stage 1, in WORKDIR/stage1) and then the
+DQ-Transformer on its codes (stage 2, in WORKDIR/stage2, encoding the images
+on the fly with the frozen tokenizer); both resume if interrupted.
+`stage1_config()` below is the tokenizer's config on its own.
+
 `dqvq_demo` is built on first use from the photographs inside scikit-image
 (no download). A small dual-grain DQ-VAE, r_fine = 0.5, scaled down to fit a
 few CPU minutes: 64-pixel crops and F = {4, 8} (8 x 8 regions per image, as
@@ -7,7 +12,7 @@ the paper's {8, 16} gives at 128 pixels).
 
 Router: the official "better version" entropy router, with its percentile
 table computed from the demo's train split at start ('auto'). The learned
-feature router needs far more than the demo's 300 steps to follow image
+feature router needs far more than the demo's 240 steps to follow image
 detail (`--config.model.router=feature` trains it, with the budget loss).
 The loss is L1 + commitment; the GAN and LPIPS are off because minutes of CPU
 training cannot use them well and LPIPS's VGG16 weights cannot be downloaded
@@ -15,6 +20,8 @@ here (enable them with `--config.loss.disc_weight=1`,
 `--config.loss.perceptual_weight=1 --config.lpips_weights=DIR`).
 
   python -m dqvq.train --config configs/demo.py --workdir /tmp/dqvq_demo
+  python -m dqvq.train --config configs/demo.py --workdir W \
+      --config.tokenizer.workdir=TOKENIZER_RUN   # stage 2 on a trained one
 """
 
 import os
@@ -32,19 +39,22 @@ def get_config(arg=None):
   c = config_lib.stage2_config(','.join(filter(None, [arg, 'uncond'])))
   c.tokenizer.stage1 = stage1
   c.data = ml_collections.ConfigDict(stage1.data.to_dict())
+  # A toy DQ-Transformer (1 position + 2 content layers, width 128, under 1M
+  # parameters) that fits ~5 CPU minutes; it learns where the fine codes go
+  # and the coarse statistics of the codes, not photographs.
   c.model.update(dict(
-      width=128, num_heads=4, position_layers=2, content_layers=2,
-      block_size=512, embed_dropout=0.1, attn_dropout=0.1,
+      width=128, num_heads=4, position_layers=1, content_layers=2,
+      block_size=512, embed_dropout=0.1, attn_dropout=0.0,
       resid_dropout=0.1))
   c.optim.base_learning_rate = 1e-3
   c.batch_size = 16
   c.eval_batch_size = 16
-  c.num_train_steps = 600
+  c.num_train_steps = 160
   c.num_eval_batches = 0
-  c.log_every = 50
-  c.eval_every = 300
-  c.image_every = 300
-  c.checkpoint_every = 300
+  c.log_every = 20
+  c.eval_every = 80
+  c.image_every = 80
+  c.checkpoint_every = 80
   c.num_images = 8
   if opts['runlocal']:
     config_lib.runlocal(c)
@@ -83,12 +93,12 @@ def stage1_config(arg=None):
   c.data.resolution = 64
   c.batch_size = 16
   c.eval_batch_size = 16
-  c.num_train_steps = 300
+  c.num_train_steps = 240
   c.num_eval_batches = 0
-  c.log_every = 25
-  c.eval_every = 150
-  c.image_every = 150
-  c.checkpoint_every = 150
+  c.log_every = 20
+  c.eval_every = 120
+  c.image_every = 120
+  c.checkpoint_every = 120
   c.num_images = 8
   if opts['runlocal']:
     config_lib.runlocal(c)

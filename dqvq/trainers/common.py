@@ -120,6 +120,7 @@ class Task:
     frozen: weights the steps read but never change (LPIPS, the tokenizer);
       replicated on the mesh and passed to every step.
     batch_keys: which host-batch arrays go to the device.
+    progress_keys: metrics on the console progress line (None: all).
   """
   datasets: Any
   init: Callable[[Array], Any]
@@ -130,3 +131,4 @@ class Task:
   pictures: Callable[..., Any]
   frozen: Any
   batch_keys: tuple[str, ...]
+  progress_keys: tuple[str, ...] | None = None

@@ -113,7 +113,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
   if int(state.step) == 0:
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
   progress = metrics_lib.ProgressReporter(
-      config.num_train_steps, config.batch_size, every=config.log_every)
+      config.num_train_steps, config.batch_size, every=config.log_every,
+      metric_keys=task.progress_keys)
   accumulator = metrics_lib.MetricsAccumulator()
   step = start_step = int(state.step)
   if step == 0:  # the untrained baseline every later validation compares to

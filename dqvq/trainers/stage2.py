@@ -265,7 +265,9 @@ def make_task(config: ml_collections.ConfigDict, workdir: str,
       train_step=lambda s, b, t: train_step(models, s, b, t),
       eval_step=lambda s, b, t: eval_step(models, s, b, t),
       summarize=lambda sums: summarize(models, sums),
-      pictures=pictures, frozen=tok, batch_keys=batch_keys)
+      pictures=pictures, frozen=tok, batch_keys=batch_keys,
+      progress_keys=('loss', 'content_loss', 'position_loss',
+                     'content_accuracy', 'code_length', 'grad_norm'))
 
 
 def default_tokenizer_workdir(workdir: str) -> str:
