@@ -10,7 +10,7 @@ forward + input gradient + weight gradient is three passes.
 
   python benchmarks/conv_grad.py                 # the three standard cases
   python benchmarks/conv_grad.py --dtype bfloat16
-  python benchmarks/conv_grad.py --weight_grad_variants  # why per-tap matmuls
+  python benchmarks/conv_grad.py --weight_grad_variants  # why row matmuls
 
 The last line is machine-readable, for the 256x256x128 case:
   xla_gflops_per_s=... fast_gflops_per_s=... speedup=...
@@ -114,9 +114,12 @@ def run_case(batch: int, size: int, channels: int, dtype: jnp.dtype,
   return flops / secs['xla'] / 1e9, flops / secs['fast'] / 1e9, rel
 
 
-# The implementation under test (the code path the custom VJP runs).
-# pylint: disable-next=protected-access
+# The implementations under test: per-tap matmuls (strided and explicitly
+# sharded convs) and per-row matmuls on column-shifted dy (stride 1).
+# pylint: disable=protected-access
 taps_weight_grad = fast_conv._weight_grad_taps
+rows_weight_grad = fast_conv._weight_grad_rows
+# pylint: enable=protected-access
 
 
 def _patches(x, w_shape, ho, wo):
@@ -157,6 +160,8 @@ def run_weight_grad_variants(cases: Sequence[tuple[int, int, int]],
         'xla': lambda x, ct: jax.vjp(lambda w: xla_conv(x, w), w)[1](ct)[0],
         'taps': lambda x, ct: taps_weight_grad(x, ct, w.shape, (1, 1), PAD,
                                                None, w.dtype),
+        'rows': lambda x, ct: rows_weight_grad(x, ct, w.shape, PAD, None,
+                                               w.dtype),
         'im2col': lambda x, ct: weight_grad_im2col(x, ct, w.shape),
         'batched_einsum': lambda x, ct: weight_grad_batched(x, ct, w.shape),
     }

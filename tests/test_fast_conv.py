@@ -32,6 +32,13 @@ CASES = [
     ('4x4_s2_p1_odd', (9, 7), 4, 2, ((1, 1), (1, 1))),
     ('4x4_s1_p1', (6, 7), 4, 1, ((1, 1), (1, 1))),
     ('3x3_s1_same', (5, 6), 3, 1, 'SAME'),
+    # Not used by the models, but the row-stacked weight gradient and the
+    # strided tap forward must handle any padding, including crops.
+    ('3x3_s1_asym', (6, 7), 3, 1, ((0, 2), (2, 1))),
+    ('3x3_s1_crop', (7, 6), 3, 1, ((-1, 1), (1, -1))),
+    ('3x3_s2_p1', (8, 7), 3, 2, ((1, 1), (1, 1))),
+    ('5x5_s3_p2', (11, 9), 5, 3, ((2, 2), (2, 1))),
+    ('2x3_s1_p1', (5, 6), (2, 3), 1, ((1, 0), (1, 1))),
 ]
 CASE_IDS = [c[0] for c in CASES]
 
@@ -47,7 +54,9 @@ def _auto_dispatch():
 def _data(hw, k, stride, padding, dtype, cin=3, cout=5, batch=2, seed=0):
   kx, kw, kc = jax.random.split(jax.random.PRNGKey(seed), 3)
   x = jax.random.normal(kx, (batch, *hw, cin), jnp.float32)
-  w = jax.random.normal(kw, (k, k, cin, cout), jnp.float32) / np.sqrt(k * k)
+  kh, kw_ = (k, k) if isinstance(k, int) else k
+  w = jax.random.normal(kw, (kh, kw_, cin, cout), jnp.float32) / np.sqrt(
+      kh * kw_)
   y_shape = jax.eval_shape(
       lambda x, w: lax.conv_general_dilated(
           x, w, (stride, stride), padding, dimension_numbers=DN), x, w).shape
@@ -129,6 +138,17 @@ def test_disabled_path_is_plain_lax(monkeypatch):
   assert not _uses_custom_vjp(fn(), x, w)
   np.testing.assert_array_equal(fn()(x, w), lax.conv_general_dilated(
       x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN))
+
+
+def test_downsample_forward_avoids_strided_xla_conv():
+  """The 3x3 stride-2 forward runs as tap matmuls (XLA's strided conv is
+  ~4x slower on CPU); its gradients are covered by the cases above."""
+  x, w, _ = _data((9, 9), 3, 2, 'VALID', jnp.float32)
+  fwd = lambda x, w: fast_conv.conv2d(x, w, (2, 2), 'VALID')
+  assert 'conv_general_dilated' not in str(jax.make_jaxpr(fwd)(x, w))
+  fast_conv.set_fast_conv_grad(False)
+  assert 'conv_general_dilated' in str(jax.make_jaxpr(
+      lambda x, w: fast_conv.conv2d(x, w, (2, 2), 'VALID'))(x, w))
 
 
 def _conv_pair(dtype=None, **kwargs):

@@ -194,14 +194,65 @@ def _weight_grad_rows(x: Array, dy: Array, kernel_shape: Sequence[int],
   return dw.astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _fast_conv(x: Array, kernel: Array, strides: tuple[int, int],
-               padding: PadPairs, precision: Any) -> Array:
+def _strided_conv_taps(x: Array, kernel: Array, strides: tuple[int, int],
+                       padding: PadPairs, precision: Any) -> Array:
+  """A strided conv's forward as one (N, Cin) @ (Cin, Cout) matmul per tap.
+
+  XLA:CPU runs the Downsample's 3x3 stride-2 conv at ~1/4 of its stride-1
+  rate; summing kh*kw matmuls over strided windows of the padded input was
+  measured 2.4-2.7x faster (benchmarks/conv_variants.py --strided). A
+  space-to-depth rewrite into a stride-1 conv is not: its 2x2 kernel over
+  4*Cin channels falls onto an equally slow XLA path, with 16/9 the FLOPs.
+  """
+  kh, kw, cin, cout = kernel.shape
+  sh, sw = strides
+  b, h, w, _ = x.shape
+  (pt, pb), (pl, pr) = padding
+  ho = (h + pt + pb - kh) // sh + 1
+  wo = (w + pl + pr - kw) // sw + 1
+  zero = jnp.zeros((), x.dtype)
+  x_pad = lax.pad(x, zero, ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+  acc = None
+  for i in range(kh):
+    for j in range(kw):
+      window = lax.slice(
+          x_pad, (0, i, j, 0),
+          (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, cin),
+          (1, sh, sw, 1))
+      tap = lax.dot_general(window.reshape(b * ho * wo, cin), kernel[i, j],
+                            (((1,), (0,)), ((), ())), precision=precision,
+                            preferred_element_type=jnp.float32)
+      acc = tap if acc is None else acc + tap
+  return acc.astype(x.dtype).reshape(b, ho, wo, cout)
+
+
+def _use_strided_taps(kernel_shape: Sequence[int],
+                      strides: tuple[int, int]) -> bool:
+  """Strided kernels that do not tile by the stride (the 3x3 Downsample).
+
+  XLA's own forward is fast for the discriminator's 4x4 stride-2 convs
+  (measured 2-3x faster than taps there, and than a space-to-depth rewrite,
+  whose 2x2 stride-1 kernels XLA:CPU runs slowly), so they keep it.
+  """
+  kh, kw = kernel_shape[:2]
+  return strides != (1, 1) and (kh % strides[0] or kw % strides[1])
+
+
+def _conv_forward(x: Array, kernel: Array, strides: tuple[int, int],
+                  padding: PadPairs, precision: Any) -> Array:
+  if _use_strided_taps(kernel.shape, strides):
+    return _strided_conv_taps(x, kernel, strides, padding, precision)
   return _plain_conv(x, kernel, strides, padding, precision)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _fast_conv(x: Array, kernel: Array, strides: tuple[int, int],
+               padding: PadPairs, precision: Any) -> Array:
+  return _conv_forward(x, kernel, strides, padding, precision)
+
+
 def _fast_conv_fwd(x, kernel, strides, padding, precision):
-  return _plain_conv(x, kernel, strides, padding, precision), (x, kernel)
+  return _conv_forward(x, kernel, strides, padding, precision), (x, kernel)
 
 
 def _fast_conv_bwd(strides, padding, precision, residuals, dy):
@@ -220,59 +271,14 @@ def _fast_conv_bwd(strides, padding, precision, residuals, dy):
     dw = _weight_grad_rows(x, dy, kernel.shape, padding, precision,
                            kernel.dtype)
   else:
-    # Strided convs normally arrive here already rewritten to stride 1 (see
-    # `_space_to_depth_conv`); explicitly sharded ones keep per-tap matmuls,
-    # whose (Cin, Cout) outputs take the kernel's own sharding.
+    # Strided convs, and explicitly sharded ones (per-tap (Cin, Cout) outputs
+    # take the kernel's own sharding), keep per-tap matmuls.
     dw = _weight_grad_taps(x, dy, kernel.shape, strides, padding, precision,
                            kernel.dtype, kernel_sharding)
   return dx, dw
 
 
 _fast_conv.defvjp(_fast_conv_fwd, _fast_conv_bwd)
-
-
-def _space_to_depth_conv(x: Array, kernel: Array, strides: tuple[int, int],
-                         padding: PadPairs, precision: Any) -> Array | None:
-  """A strided conv as a stride-1 conv on a space-to-depth input.
-
-  XLA:CPU runs strided convolutions far below its stride-1 rate (the
-  Downsample's 3x3 stride-2 forward at ~1/4 of it, its weight gradient
-  slower still). With s = stride, output row o reads padded rows s*o + i,
-  i < kh; writing i = s*a + p (a < ceil(kh/s), p < s) and folding p into the
-  channels, the same sum is a stride-1, ceil(kh/s)-tap conv:
-
-    y[o] = sum_{a, p} x_s2d[o + a][p] k_pad[s*a + p],
-
-  with the kernel zero-padded to a multiple of s (k_pad = 0 for i >= kh).
-  For 4x4 stride 2 this costs no extra FLOPs, for 3x3 stride 2 it costs
-  16/9 of them, at a 2-4x higher rate. The rearrangements are reshapes and
-  transposes, so autodiff gives exact gradients (the zero taps' weight
-  gradient is computed and dropped). Returns None for shapes with no output.
-  """
-  b, h, w, cin = x.shape
-  kh, kw, _, cout = kernel.shape
-  sh, sw = strides
-  (pt, pb), (pl, pr) = padding
-  ho = (h + pt + pb - kh) // sh + 1
-  wo = (w + pl + pr - kw) // sw + 1
-  if ho < 1 or wo < 1:
-    return None
-  ah, aw = -(-kh // sh), -(-kw // sw)  # Taps per axis after the rewrite.
-  hs, ws = sh * (ho + ah - 1), sw * (wo + aw - 1)
-  # Pads to exactly hs x ws: extra zero rows meet only zero taps, and rows no
-  # output reads are cropped (negative high padding).
-  zero = jnp.zeros((), x.dtype)
-  x = lax.pad(x, zero, ((0, 0, 0), (pt, hs - h - pt, 0), (pl, ws - w - pl, 0),
-                        (0, 0, 0)))
-  x = x.reshape(b, hs // sh, sh, ws // sw, sw, cin)
-  x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, hs // sh, ws // sw,
-                                            sh * sw * cin)
-  kzero = jnp.zeros((), kernel.dtype)
-  k = lax.pad(kernel, kzero, ((0, ah * sh - kh, 0), (0, aw * sw - kw, 0),
-                              (0, 0, 0), (0, 0, 0)))
-  k = k.reshape(ah, sh, aw, sw, cin, cout).transpose(0, 2, 1, 3, 4, 5)
-  k = k.reshape(ah, aw, sh * sw * cin, cout)
-  return _fast_conv(x, k, (1, 1), ((0, 0), (0, 0)), precision)
 
 
 def conv2d(x: Array, kernel: Array, strides: Sequence[int] = (1, 1),
@@ -301,10 +307,6 @@ def conv2d(x: Array, kernel: Array, strides: Sequence[int] = (1, 1),
   strides = tuple(int(s) for s in strides)
   pads = _normalize_padding(padding, x.shape, kernel.shape, strides)
   if use_fast_conv_grad():
-    if strides != (1, 1):
-      y = _space_to_depth_conv(x, kernel, strides, pads, precision)
-      if y is not None:
-        return y
     return _fast_conv(x, kernel, strides, pads, precision)
   return _plain_conv(x, kernel, strides, pads, precision)
 
