@@ -56,9 +56,11 @@ def get_config(arg=None):
   c.image_every = 80
   c.checkpoint_every = 80
   c.num_images = 8
+  c.sample_images = 16                # written to WORKDIR/samples
   if opts['runlocal']:
     config_lib.runlocal(c)
     c.model.update(transformer_lib.tiny_kwargs())
+    c.sample_images = 4
   return c
 
 

@@ -172,6 +172,8 @@ def stage2_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   _loop_config(c)
   c.best_metric = 'val/loss'
+  c.sample_images = 0                 # >0: `dqvq.train` samples this many
+  #                                     images after training (the demo)
   if opts['runlocal']:
     runlocal(c)
   return c

@@ -38,7 +38,9 @@ def main(argv: list[str]) -> None:
 def run(config, workdir: str) -> None:
   """Trains what `config` names; a stage-2 config that carries its own
   tokenizer config (`config.tokenizer.stage1`, as the demo does) trains that
-  first in `workdir/stage1` and itself in `workdir/stage2`. Both resume."""
+  first in `workdir/stage1` and itself in `workdir/stage2`. Both resume.
+  With `config.sample_images` > 0, stage 2 then writes that many samples
+  (`python -m dqvq.sample` with default settings) to `workdir/samples`."""
   from dqvq import config_lib  # pylint: disable=g-import-not-at-top
   from dqvq.trainers import loop  # pylint: disable=g-import-not-at-top
   stage1_config = (config.tokenizer.get('stage1') if config.stage == 2
@@ -54,6 +56,17 @@ def run(config, workdir: str) -> None:
     workdir = os.path.join(workdir, 'stage2')
     logging.info('Stage 2 (transformer) in %s.', workdir)
   loop.train_and_evaluate(config, workdir)
+  if config.stage == 2 and config.get('sample_images', 0):
+    # pylint: disable=g-import-not-at-top
+    from dqvq import sample
+    from dqvq import sampling
+    # pylint: enable=g-import-not-at-top
+    out = os.path.join(os.path.dirname(workdir) if stage1_config is not None
+                       else workdir, 'samples')
+    logging.info('Sampling %d images into %s.', config.sample_images, out)
+    sample.run(out=out, num_images=config.sample_images,
+               config=sampling.SamplingConfig(seed=config.seed),
+               workdir=workdir)
 
 
 if __name__ == '__main__':

@@ -71,6 +71,9 @@ def test_demo_trains_both_stages(demo_data_dir, tmp_path):
   for stage in ('stage1', 'stage2'):
     assert '2' in os.listdir(tmp_path / stage / 'checkpoints'), stage
     assert os.listdir(tmp_path / stage / 'pictures'), stage
+  samples = os.listdir(tmp_path / 'samples' / 'images')
+  assert len(samples) == c.sample_images
+  assert os.path.exists(tmp_path / 'samples' / 'grid.png')
   # Running it again resumes both stages (nothing left to do) without error.
   c2 = load_config('demo').get_config('runlocal')
   c2.data.data_dir = demo_data_dir

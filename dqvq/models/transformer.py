@@ -73,18 +73,37 @@ def attention_mask(key_pad: Array) -> Array:
 
 
 class SelfAttention(nn.Module):
-  """Multi-head causal self-attention with separate q/k/v (official names)."""
+  """Multi-head causal self-attention with separate q/k/v (official names).
+
+  With `cache` (the decode path) `x` is one new token per sample: its key and
+  value are written at `slot` of the (keys, values) cache and its query
+  attends over the cache, `mask` being (B, T) valid keys (written, not pad).
+  The same q/k/v/proj layers run either way, so params are shared.
+  """
   num_heads: int
   dropout: float = 0.0
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, train: bool) -> Array:
+  def __call__(self, x: Array, mask: Array, train: bool,
+               cache: tuple[Array, Array] | None = None,
+               slot: Array | None = None) -> Any:
     b, t, e = x.shape
     d = e // self.num_heads
     split = lambda y: y.reshape(b, t, self.num_heads, d)
     q, k, v = (split(_dense(e, ('embed', 'heads'), n, self.dtype)(x))
                for n in ('query', 'key', 'value'))
+    if cache is not None:
+      # Cache layout (B, H, T, D): heads lead, so the single-query products
+      # are plain batched matmuls with no transpose of the whole cache.
+      heads_first = lambda y: jnp.swapaxes(y, 1, 2)
+      keys = jax.lax.dynamic_update_slice_in_dim(
+          cache[0], heads_first(k).astype(cache[0].dtype), slot, axis=2)
+      values = jax.lax.dynamic_update_slice_in_dim(
+          cache[1], heads_first(v).astype(cache[1].dtype), slot, axis=2)
+      out = _single_query_attention(q, keys, values, mask)
+      proj = _dense(e, ('heads', 'embed'), 'proj', self.dtype)
+      return proj(out.reshape(b, t, e)), (keys, values)
     if train and self.dropout > 0:
       logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(d).astype(q.dtype)
       logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
@@ -97,6 +116,23 @@ class SelfAttention(nn.Module):
         out.reshape(b, t, e))
 
 
+def _single_query_attention(q: Array, keys: Array, values: Array,
+                            key_valid: Array) -> Array:
+  """q (B, 1, H, D) over a (B, H, T, D) cache; key_valid (B, T) bool.
+
+  The explicit softmax of `jax.nn.dot_product_attention`'s XLA path (scale,
+  masked logits, float32 softmax), so decoding matches the full forward to
+  float rounding. Returns (B, 1, H, D).
+  """
+  d = q.shape[-1]
+  logits = jnp.einsum('bqhd,bhkd->bhqk', q, keys.astype(q.dtype))
+  logits = logits.astype(jnp.float32) / jnp.sqrt(jnp.float32(d))
+  logits = jnp.where(key_valid[:, None, None, :], logits,
+                     jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, -1).astype(values.dtype)
+  return jnp.einsum('bhqk,bhkd->bqhd', probs, values).astype(q.dtype)
+
+
 class Block(nn.Module):
   """minGPT pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x))."""
   num_heads: int
@@ -106,18 +142,23 @@ class Block(nn.Module):
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, train: bool) -> Array:
+  def __call__(self, x: Array, mask: Array, train: bool,
+               cache: tuple[Array, Array] | None = None,
+               slot: Array | None = None) -> Any:
+    """Full forward, or with `cache` one decode step -> (x, new cache)."""
     e = x.shape[-1]
     drop = lambda y: nn.Dropout(self.resid_dropout)(y, deterministic=not train)
-    h = SelfAttention(self.num_heads, self.attn_dropout, self.dtype,
-                      name='attn')(_layer_norm('ln1', self.dtype)(x), mask,
-                                   train)
+    attn = SelfAttention(self.num_heads, self.attn_dropout, self.dtype,
+                         name='attn')
+    h = attn(_layer_norm('ln1', self.dtype)(x), mask, train, cache, slot)
+    if cache is not None:
+      h, cache = h
     x = x + drop(h)
     h = _layer_norm('ln2', self.dtype)(x)
     h = _dense(self.mlp_ratio * e, ('embed', 'mlp'), 'mlp_0', self.dtype)(h)
     h = nn.gelu(h, approximate=False)
     h = _dense(e, ('mlp', 'embed'), 'mlp_2', self.dtype)(h)
-    return x + drop(h)
+    return x + drop(h) if cache is None else (x + drop(h), cache)
 
 
 class DQTransformer(nn.Module):
@@ -249,6 +290,59 @@ class DQTransformer(nn.Module):
     pos_logits = self.position_head(self.position_head_ln(x))
     con_logits = self.content_head(self.content_head_ln(h))
     return pos_logits.astype(jnp.float32), con_logits.astype(jnp.float32)
+
+  # --------------------------------------------------------------------------
+  # Decoding with a KV cache (sampling): one new slot per call, both stacks.
+  # --------------------------------------------------------------------------
+
+  def init_cache(self, batch: int) -> dict[str, list[tuple[Array, Array]]]:
+    """Zero (keys, values) per block, (B, heads, layout.length - 1, head dim).
+
+    Explicit arrays rather than flax's 'cache' collection, so the sampler can
+    carry them through `lax.while_loop` and index them by a traced slot.
+    Which slots hold real keys is not stored here: the sampler passes the
+    (B, T) key mask (written and not pad) to every decode call.
+    """
+    shape = (batch, self.num_heads, self.layout.length - 1,
+             self.width // self.num_heads)
+    dtype = self.dtype or jnp.float32
+    zeros = lambda n: [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                       for _ in range(n)]
+    return {'position': zeros(self.position_layers),
+            'content': zeros(self.content_layers)}
+
+  def decode_position(self, tokens: dict[str, Array], slot: Array,
+                      key_valid: Array, cache: list[tuple[Array, Array]]
+                      ) -> tuple[Array, Array, list[tuple[Array, Array]]]:
+    """Position stack on the (B,) tokens at input slot `slot` (a scalar).
+
+    Returns (position logits (B, P) float32, H_p (B, E), new cache): what the
+    full forward gives at that slot, at one token's cost.
+    """
+    x = self.embed_tokens(tokens['content'][:, None],
+                          tokens['position'][:, None],
+                          tokens['grain'][:, None], tokens['pad'][:, None],
+                          offset=slot)
+    new_cache = []
+    for blk, layer_cache in zip(self.position_blocks, cache):
+      x, layer_cache = blk(x, key_valid, False, layer_cache, slot)
+      new_cache.append(layer_cache)
+    logits = self.position_head(self.position_head_ln(x))
+    return logits[:, 0].astype(jnp.float32), x[:, 0], new_cache
+
+  def decode_content(self, h_p: Array, next_position: Array,
+                     next_grain: Array, next_pad: Array, slot: Array,
+                     key_valid: Array, cache: list[tuple[Array, Array]]
+                     ) -> tuple[Array, list[tuple[Array, Array]]]:
+    """Content stack at `slot` given H_p there and slot+1's (B,) position."""
+    h = h_p[:, None] + self.next_position_embedding(
+        next_position[:, None], next_grain[:, None], next_pad[:, None])
+    new_cache = []
+    for blk, layer_cache in zip(self.content_blocks, cache):
+      h, layer_cache = blk(h, key_valid, False, layer_cache, slot)
+      new_cache.append(layer_cache)
+    logits = self.content_head(self.content_head_ln(h))
+    return logits[:, 0].astype(jnp.float32), new_cache
 
 
 def paper_kwargs(size: str = 'base') -> dict[str, Any]:
