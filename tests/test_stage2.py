@@ -35,8 +35,8 @@ def _leaves_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+# (`imagenet_stage2.py:runlocal,cfg=0.1` is trained in test_sampling.py.)
 @pytest.mark.parametrize('name,arg', [('imagenet_stage2', 'runlocal'),
-                                      ('imagenet_stage2', 'runlocal,cfg=0.1'),
                                       ('ffhq_stage2', 'runlocal')])
 def test_two_step_smoke_run_per_config(name, arg, stage1_workdir,
                                        demo_data_dir, tmp_path):
