@@ -355,6 +355,15 @@ class Checkpointer:
         'started with, or move the damaged step directories away to start '
         'over.')
 
+  def restore_step(self, step: int, abstract_state: PyTree
+                   ) -> tuple[PyTree, dict[str, Any]]:
+    """Restores one named step (state, meta) into `abstract_state`'s
+    shardings, with no fallback: for tools that load a chosen checkpoint."""
+    if step not in self.all_steps():
+      raise FileNotFoundError(f'No finished checkpoint {step} in '
+                              f'{self.directory} (have {self.all_steps()}).')
+    return self._restore_step(step, abstract_state, None)
+
   def _quarantine(self, steps: Sequence[int]) -> None:
     """Renames unreadable steps out of Orbax's sight, keeping their files.
 

@@ -87,6 +87,10 @@ def load_stage2(workdir: str | None = None, checkpoint: str | None = None,
   step = ckpt.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'{workdir} holds no finished checkpoint.')
+  if step not in ckpt.all_steps():
+    raise FileNotFoundError(
+        f'No finished checkpoint {step} in {workdir}/checkpoints; it has '
+        f'steps {ckpt.all_steps()} (use --workdir for the newest).')
   config = ml_collections.ConfigDict(ckpt.read_meta(step).get('config') or {})
   if config.get('stage') != 2:
     raise ValueError(f'{workdir} step {step} is not a stage-2 run.')
@@ -100,7 +104,7 @@ def load_stage2(workdir: str | None = None, checkpoint: str | None = None,
       abstract, jax.tree.map(lambda _: replicated, abstract))
   if checkpoint:
     # A named step, not the newest: the restore of that one step.
-    state, _ = ckpt._restore_step(step, target, None)  # pylint: disable=protected-access
+    state, _ = ckpt.restore_step(step, target)
   else:
     state, step, _ = ckpt.restore_latest(target)
   ckpt.close()
