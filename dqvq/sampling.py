@@ -132,13 +132,32 @@ def relabel(streams: dict[str, Array], layout: sequence.StreamLayout,
   return out
 
 
+def _below_kth(x: Array, k: int) -> Array:
+  """x < (k-th largest of x along -1), exactly, without a sort.
+
+  XLA:CPU lowers `lax.top_k` to a full sort; instead the k-th largest value's
+  order-preserving uint32 key is built 4 bits at a time (8 rounds of 15
+  counts): the largest key r with #(keys >= r) >= k.
+  """
+  x = x.astype(jnp.float32)
+  x = jnp.where(x == 0, 0.0, x)  # -0.0 -> +0.0 (they compare equal)
+  i = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  u = jnp.where(i >> 31 == 1, ~i, i | jnp.uint32(1 << 31))  # monotone in x
+  r = jnp.zeros(x.shape[:-1] + (1,), jnp.uint32)
+  digits = jnp.arange(1, 16, dtype=jnp.uint32)
+  for shift in range(28, -1, -4):
+    cand = r | (digits << shift)  # (..., 15)
+    ok = jnp.sum(u[..., None, :] >= cand[..., None], -1) >= k
+    r = r | (jnp.sum(ok, -1, keepdims=True).astype(jnp.uint32) << shift)
+  return u < r
+
+
 def filter_logits(logits: Array, legal: Array, temperature: float,
                   top_k: int, top_p: float) -> Array:
   """Temperature, legality mask, top-k, then top-p (the official order)."""
   logits = jnp.where(legal, logits / temperature, -jnp.inf)
   if top_k and top_k < logits.shape[-1]:
-    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
+    logits = jnp.where(_below_kth(logits, top_k), -jnp.inf, logits)
   if top_p < 1.0:
     ordered = -jnp.sort(-logits, axis=-1)
     probs = jax.nn.softmax(ordered, axis=-1)
@@ -149,10 +168,27 @@ def filter_logits(logits: Array, legal: Array, temperature: float,
   return logits
 
 
-def _choose(key: Array, logits: Array, greedy: bool) -> Array:
-  if greedy:
+def _choose(noise: Array | None, logits: Array) -> Array:
+  """argmax(logits + Gumbel noise): `jax.random.categorical`'s draw."""
+  if noise is None:  # greedy
     return jnp.argmax(logits, -1).astype(jnp.int32)
-  return jax.random.categorical(key, logits, -1).astype(jnp.int32)
+  return jnp.argmax(logits + noise, -1).astype(jnp.int32)
+
+
+def _slot_noise(key: Array, slots: Array, b: int, p: int, c: int
+                ) -> tuple[Array, Array]:
+  """(S, B, P) position and (S, B, C) content Gumbel noise of `slots`.
+
+  Slot t draws with split(fold_in(key, t)), exactly what
+  `jax.random.categorical` would add at that slot; generated for a chunk of
+  slots at once, since XLA:CPU runs threefry as a rolled loop whose per-op
+  overhead dominates one step's small draw.
+  """
+  def one(t):
+    kp, kc = jax.random.split(jax.random.fold_in(key, t))
+    return (jax.random.gumbel(kp, (b, p), jnp.float32),
+            jax.random.gumbel(kc, (b, c), jnp.float32))
+  return jax.vmap(one)(slots)
 
 
 def _guide(logits: Array, scale: float, guided: bool) -> Array:
@@ -201,13 +237,19 @@ def _cover(covered: Array, cell: Array, hit: Array, k: Array,
 
 
 def make_sampler(model: transformer_lib.DQTransformer, config: SamplingConfig,
-                 naive: bool = False, max_steps: int | None = None
+                 naive: bool = False, max_steps: int | None = None,
+                 key_bucket: int = 256, noise_chunk: int = 64
                  ) -> Callable[[Any, Array, Array], dict[str, Array]]:
   """A jitted fn(params, labels (B,), key) -> full streams and counts.
 
   Returns a dict of (B, L) 'content', 'position' (int32) and 'pad' (bool),
   (B,) 'num_codes' and the scalar 'steps' (loop iterations). `max_steps`
   stops early (for timing the naive sampler; the streams are then partial).
+  `key_bucket` > 0 runs the cached loop in phases of static cache length
+  key_bucket, 2 key_bucket, ... (one compiled loop each: compile time grows
+  with their number), so early slots attend over few keys; 0 = one phase
+  over the whole cache. `noise_chunk`: slots whose sampling noise is drawn
+  at once.
   """
   lay = model.layout
   if config.guided and not lay.null_class:
@@ -231,7 +273,7 @@ def make_sampler(model: transformer_lib.DQTransformer, config: SamplingConfig,
     dbl = (lambda x: jnp.concatenate([x, x])) if guided else (lambda x: x)
     apply = functools.partial(model.apply, {'params': params})
 
-    def body(state):
+    def body(state, noise, c0, extent):
       cur, k, buf = state['cur'], state['k'], state['buf']
       col = lambda name, i: jax.lax.dynamic_index_in_dim(buf[name], i, 1,
                                                          keepdims=False)
@@ -247,8 +289,13 @@ def make_sampler(model: transformer_lib.DQTransformer, config: SamplingConfig,
                                 model_labels, dbl(col('position', cur))),
           'grain': jnp.full((model_labels.shape[0],), k, jnp.int32),
           'pad': dbl(col('pad', cur))}
-      key_valid = dbl(~buf['pad'][:, :t_in] & (jnp.arange(t_in) <= cur))
-      kp, kc = jax.random.split(jax.random.fold_in(key, cur))
+      # Keys of slots 0..extent-1 (the cache's length in this phase).
+      key_valid = dbl(~buf['pad'][:, :extent] & (jnp.arange(extent) <= cur))
+      if noise is None:
+        np_, nc_ = None, None
+      else:
+        np_ = jax.lax.dynamic_index_in_dim(noise[0], cur - c0, 0, False)
+        nc_ = jax.lax.dynamic_index_in_dim(noise[1], cur - c0, 0, False)
       # Position of slot cur+1.
       if naive:
         full = {n: dbl(buf[n]) for n in ('content', 'position', 'pad')}
@@ -267,7 +314,7 @@ def make_sampler(model: transformer_lib.DQTransformer, config: SamplingConfig,
           _guide(pos_logits, config.cfg_scale_position, guided), legal,
           config.temperature_position, config.top_k_position,
           config.top_p_position)
-      pos = _choose(kp, pos_logits, config.greedy)
+      pos = _choose(np_, pos_logits)
       is_eos = pos == cells[k] + 1
       # What the content stack is told at cur: the sampled position, or
       # after an eos the next stream's sos when it follows, else a pad.
@@ -291,13 +338,14 @@ def make_sampler(model: transformer_lib.DQTransformer, config: SamplingConfig,
       else:
         con_logits, cache_c = apply(
             h_p, next_pos, next_grain, next_pad, cur, key_valid,
-            state['cache']['content'], method=model.decode_content)
+            state['cache']['content'],
+            method=model.decode_content)
         cache = {'position': cache_p, 'content': cache_c}
       con_logits = filter_logits(
           _guide(con_logits, config.cfg_scale_content, guided),
           content_legal[None], config.temperature_content,
           config.top_k_content, config.top_p_content)
-      code = jnp.where(is_eos, v + 1, _choose(kc, con_logits, config.greedy))
+      code = jnp.where(is_eos, v + 1, _choose(nc_, con_logits))
       # Write slot cur+1 for the sampling lanes.
       nxt = cur + 1
       put = lambda name, new: jax.lax.dynamic_update_index_in_dim(
@@ -328,9 +376,41 @@ def make_sampler(model: transformer_lib.DQTransformer, config: SamplingConfig,
              'covered': jnp.zeros((b, fine * fine), bool),
              'count': jnp.zeros((b,), jnp.int32),
              'cache': {} if naive else model.init_cache(
-                 model_labels.shape[0]),
+                 model_labels.shape[0], min(key_bucket or t_in, t_in)),
              'total': jnp.zeros((b,), jnp.int32), 'steps': jnp.int32(0)}
-    state = jax.lax.while_loop(cond, body, state)
+
+    def run(state, extent):
+      """Steps while cur < extent (all of them when naive)."""
+      in_phase = lambda s: cond(s) & (naive or s['cur'] < extent)
+      if config.greedy:
+        return jax.lax.while_loop(
+            in_phase, lambda s: body(s, None, None, extent), state)
+      # Outer loop: Gumbel noise for the next `noise_chunk` slots from the
+      # current one; inner loop: the slots while they stay inside the chunk
+      # (slots only move forward, so a stream jump just ends the chunk).
+      def chunk(state):
+        c0 = state['cur']
+        noise = _slot_noise(key, c0 + jnp.arange(noise_chunk), b,
+                            lay.position_logits_size, lay.content_vocab_size)
+        return jax.lax.while_loop(
+            lambda s: in_phase(s) & (s['cur'] - c0 < noise_chunk),
+            lambda s: body(s, noise, c0, extent), state)
+      return jax.lax.while_loop(in_phase, chunk, state)
+
+    if naive:
+      state = run(state, t_in)
+    else:
+      # Phases with a static cache length: keys only exist at slots <= cur,
+      # so while cur < extent the cache (and every attention) needs only
+      # `extent` slots. Each phase grows the cache with zero (masked) slots.
+      extents = ([e for e in range(key_bucket, t_in, key_bucket)]
+                 if key_bucket > 0 else []) + [t_in]
+      grow = lambda x, n: jnp.pad(x, ((0, 0), (0, 0), (0, n - x.shape[2]),
+                                      (0, 0)))
+      for extent in extents:
+        state['cache'] = jax.tree.map(lambda x: grow(x, extent),
+                                      state['cache'])
+        state = run(state, extent)
     return dict(state['buf'], num_codes=state['total'], steps=state['steps'])
 
   return jax.jit(sample)

@@ -295,15 +295,19 @@ class DQTransformer(nn.Module):
   # Decoding with a KV cache (sampling): one new slot per call, both stacks.
   # --------------------------------------------------------------------------
 
-  def init_cache(self, batch: int) -> dict[str, list[tuple[Array, Array]]]:
-    """Zero (keys, values) per block, (B, heads, layout.length - 1, head dim).
+  def init_cache(self, batch: int, length: int | None = None
+                 ) -> dict[str, list[tuple[Array, Array]]]:
+    """Zero (keys, values) per block, (B, heads, length, head dim).
+
+    `length` defaults to layout.length - 1 (every input slot); the decode
+    calls attend over whatever length the cache has (a sampler may grow it).
 
     Explicit arrays rather than flax's 'cache' collection, so the sampler can
     carry them through `lax.while_loop` and index them by a traced slot.
     Which slots hold real keys is not stored here: the sampler passes the
     (B, T) key mask (written and not pad) to every decode call.
     """
-    shape = (batch, self.num_heads, self.layout.length - 1,
+    shape = (batch, self.num_heads, length or self.layout.length - 1,
              self.width // self.num_heads)
     dtype = self.dtype or jnp.float32
     zeros = lambda n: [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
