@@ -118,10 +118,6 @@ class StreamLayout:
     """The position head scores every grain over the finest vocabulary."""
     return self.position_vocab_size(self.num_grains - 1)
 
-  def specials(self, n: int) -> tuple[int, int, int]:
-    """(pad, eos, sos) for a stream whose regular ids are 0..n-1."""
-    return n, n + 1, n + 2
-
   def grain_ids(self) -> Array:
     """(length,) granularity of every slot."""
     return jnp.concatenate([jnp.full((n,), k, jnp.int32)

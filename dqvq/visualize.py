@@ -244,12 +244,21 @@ def stage1_panel(images: np.ndarray,
                  grain_factors: Sequence[int] | None = None,
                  alpha: float = OFFICIAL_ALPHA,
                  max_examples: int | None = None,
-                 pad: int = 2) -> np.ndarray:
+                 pad: int = 2,
+                 min_size: int = 0) -> np.ndarray:
   """One picture, a row per example: input | reconstruction | coding | error.
 
   The same uint8 array goes to TensorBoard (`write_images`) and to the
-  demo's PNGs, so what one sees in both places is identical.
+  demo's PNGs, so what one sees in both places is identical. Images smaller
+  than `min_size` are enlarged (nearest, by an integer factor) so that code
+  cells stay visible.
   """
+  zoom = max(1, min_size // images.shape[1]) if min_size else 1
+  if zoom > 1:
+    up = lambda a: np.repeat(np.repeat(np.asarray(a), zoom, 1), zoom, 2)
+    images, reconstructions = up(images), up(reconstructions)
+    if grain_factors is not None:
+      grain_factors = tuple(f * zoom for f in grain_factors)
   if max_examples is not None:
     images = images[:max_examples]
     reconstructions = reconstructions[:max_examples]

@@ -23,7 +23,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from dqvq import losses
@@ -304,13 +303,10 @@ def make_task(config: ml_collections.ConfigDict, workdir: str,
     del frozen, step
     images = host_batch['image'][: config.num_images]
     out = jax.device_get(recon_fn(state, jnp.asarray(images)))
-    # Small images are enlarged (nearest) so code cells stay visible.
-    zoom = max(1, 128 // images.shape[1])
-    up = lambda a: np.repeat(np.repeat(np.asarray(a), zoom, 1), zoom, 2)
     return visualize.stage1_panel(
-        up(images), up(out['reconstruction']), out['grain_map'],
-        models.vae.num_grains, grain_factors=tuple(
-            f * zoom for f in models.vae.grain_factors))
+        images, out['reconstruction'], out['grain_map'],
+        models.vae.num_grains, grain_factors=models.vae.grain_factors,
+        min_size=128)
 
   return common.Task(
       datasets=datasets,

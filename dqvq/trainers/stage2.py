@@ -14,7 +14,6 @@ classifier-free guidance.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from absl import logging
@@ -53,10 +52,6 @@ class Stage2Models:
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
   schedule: Any = flax.struct.field(pytree_node=False)
   config: Any = flax.struct.field(pytree_node=False)
-
-
-def tokenizer_workdir(config: ml_collections.ConfigDict) -> str:
-  return config.tokenizer.workdir
 
 
 def build_layout(config: ml_collections.ConfigDict,
@@ -222,9 +217,9 @@ def make_task(config: ml_collections.ConfigDict, workdir: str,
               mesh: jax.sharding.Mesh) -> common.Task:
   """Tokenizer, data, model and step functions of a stage-2 run."""
   del workdir
-  tok = tokenizer_lib.load_stage1(tokenizer_workdir(config), mesh)
+  tok = tokenizer_lib.load_stage1(config.tokenizer.workdir, mesh)
   logging.info('Tokenizer: %s step %d (fingerprint %s).',
-               tokenizer_workdir(config), tok.step, tok.fingerprint)
+               config.tokenizer.workdir, tok.step, tok.fingerprint)
   layout = build_layout(config, tok)
   models = build_models(config, layout)
   logging.info('Token layout: grids %s, capacities %s, sequence length %d.',
@@ -251,12 +246,9 @@ def make_task(config: ml_collections.ConfigDict, workdir: str,
     n = config.num_images
     batch = {k: np.asarray(host_batch[k][:n]) for k in batch_keys}
     out = jax.device_get(recon_fn(state, batch, frozen))
-    zoom = max(1, 128 // out['true'].shape[1])
-    up = lambda a: np.repeat(np.repeat(np.asarray(a), zoom, 1), zoom, 2)
     return visualize.stage1_panel(
-        up(out['true']), up(out['predicted']), out['grain_map'],
-        layout.num_grains, grain_factors=tuple(
-            f * zoom for f in tok.vae.grain_factors))
+        out['true'], out['predicted'], out['grain_map'], layout.num_grains,
+        grain_factors=tok.vae.grain_factors, min_size=128)
 
   return common.Task(
       datasets=datasets,
@@ -269,7 +261,3 @@ def make_task(config: ml_collections.ConfigDict, workdir: str,
       progress_keys=('loss', 'content_loss', 'position_loss',
                      'content_accuracy', 'code_length', 'grad_norm'))
 
-
-def default_tokenizer_workdir(workdir: str) -> str:
-  """Where a two-stage run (the demo) keeps its stage-1 run."""
-  return os.path.join(workdir, 'stage1')
