@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dqvq import bundle as bundle_lib
 from dqvq import checkpoint as ckpt_lib
 from dqvq import sharding
 from dqvq.trainers import common
@@ -43,14 +44,24 @@ class Tokenizer:
   def variables(self) -> dict[str, Any]:
     return {'params': self.params, 'codebook': self.codebook}
 
-  def encode(self, images: Array) -> dict[str, Array]:
-    """Images (B, H, W, 3) in [-1, 1] -> 'codes' (B, G, G), 'grain_map'."""
+  def encode(self, images: Array,
+             grain_ratios: tuple[float, ...] | None = None
+             ) -> dict[str, Array]:
+    """Images (B, H, W, 3) in [-1, 1] -> code map, grain map, code length.
+
+    'codes' (B, G, G) lies on the finest grid (a coarse region's code repeats
+    over its cells), 'grain_map' (B, g, g) holds grain ids (0 = coarsest) and
+    'code_length' (B,) the codes each image takes. `grain_ratios` (coarse to
+    fine shares, summing to 1) sets the code budget per image instead of the
+    trained one; every router but 'none' takes it.
+    """
     out = self.vae.apply(self.variables, images, train=False,
-                         method=self.vae.encode, rngs={
-                             'router': jax.random.key(0),
-                             'gumbel': jax.random.key(0)})
+                         grain_ratios=grain_ratios, method=self.vae.encode,
+                         rngs={'router': jax.random.key(0),
+                               'gumbel': jax.random.key(0)})
     return {'codes': out['codes'].astype(jnp.int32),
-            'grain_map': out['grain_map'].astype(jnp.int32)}
+            'grain_map': out['grain_map'].astype(jnp.int32),
+            'code_length': out['code_length'].astype(jnp.int32)}
 
   def decode(self, codes: Array) -> Array:
     """Code map (B, G, G) -> images in [-1, 1]."""
@@ -83,6 +94,45 @@ def _stage1_config(meta_config: dict[str, Any],
           f'(nor {local}); copy the entropy threshold JSON back.')
     config.model.entropy_thresholds = local
   return config
+
+
+def abstract_variables(config: ml_collections.ConfigDict) -> Any:
+  """Shapes of the DQ-VAE's inference variables {'params', 'codebook'}."""
+  vae = common.build_dqvae(config.model)
+  res = config.data.resolution
+  rngs = {k: jax.random.key(0)
+          for k in ('params', 'gumbel', 'restart', 'router', 'dropout')}
+  shapes = jax.eval_shape(lambda: vae.init(rngs, jnp.zeros((1, res, res, 3))))
+  return {'params': shapes['params'], 'codebook': shapes['codebook']}
+
+
+def save_bundle(tok: Tokenizer, path: str,
+                meta: dict[str, Any] | None = None) -> str:
+  """Writes `tok` as a 'tokenizer' bundle (see dqvq.bundle)."""
+  meta = {'step': tok.step, 'fingerprint': tok.fingerprint,
+          'source': tok.workdir, **(meta or {})}
+  return bundle_lib.save(path, kind='tokenizer', config=tok.config,
+                         variables=tok.variables, meta=meta)
+
+
+def load_bundle(path: str, mesh: jax.sharding.Mesh | None = None
+                ) -> Tokenizer:
+  """`dqvq.load_tokenizer`: a Tokenizer from a bundle directory."""
+  manifest = bundle_lib.read_manifest(path, kind='tokenizer')
+  config = manifest['config']
+  variables = bundle_lib.restore_variables(
+      path, abstract_variables(config), mesh)
+  tok = Tokenizer(params=variables['params'], codebook=variables['codebook'],
+                  vae=common.build_dqvae(config.model), config=config,
+                  step=int(manifest['meta'].get('step', 0)),
+                  workdir=manifest['path'],
+                  fingerprint=fingerprint((variables['params'],
+                                           variables['codebook'])))
+  recorded = manifest['meta'].get('fingerprint')
+  if recorded and recorded != tok.fingerprint:
+    raise ValueError(f'{path}: the weights do not match the fingerprint '
+                     f'{recorded} recorded at export; the copy is damaged.')
+  return tok
 
 
 def load_stage1(workdir: str, mesh: jax.sharding.Mesh | None = None
@@ -123,4 +173,5 @@ def load_stage1(workdir: str, mesh: jax.sharding.Mesh | None = None
                    fingerprint=fingerprint((state.params, state.codebook)))
 
 
-__all__ = ['Tokenizer', 'load_stage1', 'fingerprint']
+__all__ = ['Tokenizer', 'load_stage1', 'load_bundle', 'save_bundle',
+           'abstract_variables', 'fingerprint']

@@ -63,3 +63,16 @@ def stage1_workdir(demo_data_dir, tmp_path_factory) -> str:
   workdir = str(tmp_path_factory.mktemp('stage1'))
   loop.train_and_evaluate(c, workdir)
   return workdir
+
+
+@pytest.fixture(scope='session')
+def stage2_workdir(stage1_workdir, demo_data_dir, tmp_path_factory) -> str:
+  """A finished 2-step class-conditional (CFG-ready) stage-2 run on it."""
+  from dqvq.trainers import loop  # pylint: disable=g-import-not-at-top
+  c = load_config('imagenet_stage2').get_config('runlocal,cfg=0.1')
+  c.tokenizer.workdir = stage1_workdir
+  c.data.data_dir = demo_data_dir
+  c.eval_every = c.image_every = 1000
+  workdir = str(tmp_path_factory.mktemp('stage2'))
+  loop.train_and_evaluate(c, workdir)
+  return workdir

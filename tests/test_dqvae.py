@@ -156,13 +156,34 @@ def test_image_size_not_multiple_of_largest_factor():
     model.init(RNGS, jnp.zeros((1, 40, 40, 3)))
 
 
-def test_per_call_ratio_needs_parameter_free_router():
-  model = dqvae.DQVAE(**dqvae.tiny_kwargs())
-  x = jnp.zeros((1, 32, 32, 3))
-  variables = jax.eval_shape(lambda x: model.init(RNGS, x), x)
-  with pytest.raises(ValueError, match='entropy or random router'):
-    jax.eval_shape(lambda v: model.apply(v, x, grain_ratios=(0.2, 0.8),
-                                         method=dqvae.DQVAE.encode), variables)
+@pytest.mark.parametrize('variant', ['feature_dual', 'triple'])
+def test_feature_router_budget_at_inference(variant):
+  """A per-call budget gives the feature router exact shares per image,
+  keeping its learned ranking: the regions the gate rates finest go fine."""
+  model = dqvae.DQVAE(**dqvae.tiny_kwargs(variant))
+  size = 2 * model.grain_factors[0]  # 2 x 2 regions per image at least
+  size = max(size, 32)
+  x = jax.random.uniform(jax.random.key(3), (2, size, size, 3), minval=-1.0,
+                         maxval=1.0)
+  variables = model.init(RNGS, x)
+  k = model.num_grains
+  ratios = (0.5, 0.5) if k == 2 else (0.25, 0.25, 0.5)
+  out = model.apply(variables, x, grain_ratios=ratios,
+                    method=dqvae.DQVAE.encode)
+  grain_map = np.asarray(out['grain_map'])
+  n = grain_map[0].size
+  for g, r in enumerate(ratios):
+    np.testing.assert_array_equal((grain_map == g).sum(axis=(1, 2)),
+                                  round(r * n))
+  probs = jax.nn.softmax(out['logits'], axis=-1)
+  score = np.asarray(probs @ jnp.arange(k, dtype=jnp.float32))
+  finest = grain_map == k - 1
+  for b in range(2):  # every finest region outranks every other region
+    assert score[b][finest[b]].min() >= score[b][~finest[b]].max()
+  with pytest.raises(ValueError, match='inference-time budget'):
+    model.apply(variables, x, train=True, grain_ratios=ratios,
+                method=dqvae.DQVAE.encode,
+                rngs={'gumbel': RNGS['gumbel'], 'restart': RNGS['restart']})
 
 
 def test_missing_entropy_thresholds_file_is_clear():

@@ -214,17 +214,10 @@ def test_preview_codes():
   np.testing.assert_array_equal(preview[0, 2:4, :2], 7)
 
 
-def test_cli_writes_images(stage1_workdir, demo_data_dir, tmp_path):
+def test_cli_writes_images(stage2_workdir, tmp_path):
   from dqvq import sample  # pylint: disable=g-import-not-at-top
-  from dqvq.trainers import loop  # pylint: disable=g-import-not-at-top
-  c = load_config('imagenet_stage2').get_config('runlocal,cfg=0.1')
-  c.tokenizer.workdir = stage1_workdir
-  c.data.data_dir = demo_data_dir
-  c.eval_every = c.image_every = 1000
-  workdir = str(tmp_path / 'run')
-  loop.train_and_evaluate(c, workdir)
   out = str(tmp_path / 'samples')
-  sample.run(workdir=workdir, num_images=3, out=out, class_labels=[1, 2],
+  sample.run(workdir=stage2_workdir, num_images=3, out=out, class_labels=[1, 2],
              config=sampling.SamplingConfig(top_k_content=50,
                                             cfg_scale_content=2.0),
              batch_size=0)

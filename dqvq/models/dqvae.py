@@ -120,14 +120,13 @@ class DQVAE(nn.Module):
   def route(self, x: Array, features: Sequence[Array], train: bool,
             grain_ratios: Sequence[float] | None) -> router_lib.Routing:
     grid = features[0].shape[1:3]
-    if grain_ratios is not None and self.router not in ('entropy', 'random'):
-      raise ValueError(
-          'A per-call grain_ratios needs the entropy or random router; the '
-          'feature router learns its shares through the budget loss.')
+    if grain_ratios is not None and self.router == 'none':
+      raise ValueError('grain_ratios needs a router; this model codes every '
+                       'region at one granularity.')
     if self.num_grains == 1 or self.router == 'none':
       return router_lib.fixed_routing(x.shape[0], grid, self.num_grains)
     if self.router == 'feature':
-      return self.grain_router(features, train)
+      return self.grain_router(features, train, grain_ratios)
     if self.router == 'entropy':
       return self.grain_router(x, grain_ratios)
     return self.grain_router(x.shape[0], grid, grain_ratios)

@@ -88,7 +88,18 @@ class FeatureRouter(nn.Module):
   tau: float = 1.0
 
   @nn.compact
-  def __call__(self, features: Sequence[Array], train: bool) -> Routing:
+  def __call__(self, features: Sequence[Array], train: bool,
+               grain_ratios: Sequence[float] | None = None) -> Routing:
+    """Gate decision; `grain_ratios` imposes a code budget at inference.
+
+    With a budget, each image's regions are ranked by the gate's expected
+    grain (softmax-weighted grain id, so a region the gate is surer is
+    detailed ranks higher) and the finest grains go to the top regions in the
+    requested shares: the learned ranking, with a user-chosen length.
+    """
+    if train and grain_ratios is not None:
+      raise ValueError('grain_ratios is an inference-time budget; training '
+                       'sets the shares through the budget loss.')
     roles = grain_lib.grain_role_names(len(features))
     coarse = self.grain_factors[0]
     pooled = []
@@ -110,6 +121,12 @@ class FeatureRouter(nn.Module):
       index, gate, scale = gumbel_straight_through(
           logits, self.make_rng('gumbel'), self.tau)
       return Routing(index, gate, scale, logits)
+    if grain_ratios is not None:
+      grain_lib.validate_grain_ratios(tuple(grain_ratios), k)
+      scores = jax.nn.softmax(logits, axis=-1) @ jnp.arange(k, dtype=jnp.float32)
+      index = entropy_lib.assign_grains_by_quota(
+          scores, tuple(grain_ratios)).astype(jnp.int32)
+      return Routing(index, jax.nn.one_hot(index, k), None, logits)
     index = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return Routing(index, jax.nn.one_hot(index, k), None, logits)
 

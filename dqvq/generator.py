@@ -1,0 +1,185 @@
+"""A trained DQ-Transformer with its tokenizer: Algorithm 1 as a library call.
+
+`Generator` is what `dqvq.load_generator(BUNDLE)` returns and what
+`python -m dqvq.sample` drives: the model, its params (replicated over the
+mesh), the stream layout and the frozen DQ-VAE that turns sampled code maps
+into images. It can come from a training run (`load_run`, the newest or a
+named checkpoint) or from a bundle (`load_bundle`), and `save_bundle` writes
+one, tokenizer included, so a bundle alone is enough to make images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dqvq import bundle as bundle_lib
+from dqvq import checkpoint as ckpt_lib
+from dqvq import sampling
+from dqvq import sequence
+from dqvq import sharding
+from dqvq import tokenizer as tokenizer_lib
+from dqvq.trainers import stage2
+
+
+@dataclasses.dataclass
+class Generator:
+  """DQ-Transformer + tokenizer; `sample` returns images and their tokens."""
+  model: Any
+  params: Any
+  layout: sequence.StreamLayout
+  tokenizer: tokenizer_lib.Tokenizer
+  config: ml_collections.ConfigDict  # the stage-2 config
+  mesh: jax.sharding.Mesh
+  step: int = 0
+  _compiled: dict[Any, Callable[..., Any]] = dataclasses.field(
+      default_factory=dict, repr=False)
+
+  def labels_for(self, n: int, class_labels: Sequence[int] = ()) -> np.ndarray:
+    """n labels cycling through `class_labels` (all classes when empty)."""
+    if not self.layout.num_classes:
+      return np.zeros((n,), np.int32)
+    pool = list(class_labels) or list(range(self.layout.num_classes))
+    if any(not 0 <= c < self.layout.num_classes for c in pool):
+      raise ValueError(f'class labels {pool} outside 0..'
+                       f'{self.layout.num_classes - 1}.')
+    return np.array([pool[i % len(pool)] for i in range(n)], np.int32)
+
+  def _sampler(self, config: sampling.SamplingConfig) -> Callable[..., Any]:
+    if config not in self._compiled:
+      self._compiled[config] = sampling.make_sampler(self.model, config)
+    return self._compiled[config]
+
+  def _pictures(self) -> Callable[..., Any]:
+    if 'pictures' not in self._compiled:
+      layout, tok = self.layout, self.tokenizer
+
+      @jax.jit
+      def pictures(content, position):
+        codes, writes = sequence.decode(content, position, layout)
+        preview = sampling.preview_codes(content, position, layout)
+        grain_map = sequence.grain_map_from_streams(position, layout)
+        return dict(image=tok.decode(codes), preview=tok.decode(preview),
+                    codes=codes, writes=writes, grain_map=grain_map)
+      self._compiled['pictures'] = pictures
+    return self._compiled['pictures']
+
+  def sample(self, num_images: int, *, class_labels: Sequence[int] = (),
+             config: sampling.SamplingConfig | None = None,
+             batch_size: int = 0,
+             on_batch: Callable[[int], None] | None = None
+             ) -> dict[str, np.ndarray]:
+    """Samples `num_images` images (Algorithm 1, KV-cached).
+
+    Returns host arrays: 'image' and 'preview' (N, H, W, 3) in [-1, 1] (the
+    preview decodes the coarse granularity alone), 'codes', 'grain_map',
+    'writes', the token streams 'content'/'position', 'num_codes' and
+    'label'. Batches of `batch_size` (default 4 per device, rounded up to
+    the devices) are sharded over the mesh; `on_batch(n)` is called after
+    each with the images it added (progress bars).
+    """
+    config = config or sampling.SamplingConfig()
+    n_dev = self.mesh.devices.size
+    batch = -(-(batch_size or 4 * n_dev) // n_dev) * n_dev
+    sampler, pictures = self._sampler(config), self._pictures()
+    labels = self.labels_for(num_images, class_labels)
+    key = jax.random.key(config.seed)
+    batch_sharding = sharding.batch_sharding(self.mesh)
+    results: dict[str, list[np.ndarray]] = {}
+    for i, lo in enumerate(range(0, num_images, batch)):
+      chunk = labels[lo:lo + batch]
+      padded = np.resize(chunk, (batch,))  # static shape; extras dropped
+      out = sampler(self.params,
+                    jax.device_put(jnp.asarray(padded), batch_sharding),
+                    jax.random.fold_in(key, i))
+      host = jax.device_get({
+          **pictures(out['content'], out['position']),
+          'content': out['content'], 'position': out['position'],
+          'num_codes': out['num_codes']})
+      for name, value in host.items():
+        results.setdefault(name, []).append(np.asarray(value)[:len(chunk)])
+      if on_batch is not None:
+        on_batch(len(chunk))
+    res = {name: np.concatenate(v) for name, v in results.items()}
+    res['label'] = labels
+    return res
+
+
+def _abstract_params(models: stage2.Stage2Models) -> Any:
+  return jax.eval_shape(lambda r: stage2.init_state(models, r),
+                        jax.random.key(0)).params
+
+
+def load_run(workdir: str | None = None, checkpoint: str | None = None,
+             mesh: jax.sharding.Mesh | None = None) -> Generator:
+  """The newest (or the named `checkpoint` step) of a stage-2 run."""
+  step = None
+  if checkpoint:
+    checkpoint = os.path.abspath(checkpoint.rstrip('/'))
+    workdir, step = os.path.dirname(os.path.dirname(checkpoint)), int(
+        os.path.basename(checkpoint))
+  if not workdir:
+    raise ValueError('Give --workdir or --checkpoint.')
+  mesh = mesh or sharding.create_mesh()
+  ckpt = ckpt_lib.Checkpointer(workdir, save_every=0)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'{workdir} holds no finished checkpoint.')
+  if step not in ckpt.all_steps():
+    raise FileNotFoundError(
+        f'No finished checkpoint {step} in {workdir}/checkpoints; it has '
+        f'steps {ckpt.all_steps()} (use --workdir for the newest).')
+  config = ml_collections.ConfigDict(ckpt.read_meta(step).get('config') or {})
+  if config.get('stage') != 2:
+    raise ValueError(f'{workdir} step {step} is not a stage-2 run.')
+  tok = tokenizer_lib.load_stage1(config.tokenizer.workdir, mesh)
+  layout = stage2.build_layout(config, tok)
+  models = stage2.build_models(config, layout)
+  abstract = jax.eval_shape(lambda r: stage2.init_state(models, r),
+                            jax.random.key(0))
+  replicated = sharding.replicated(mesh)
+  target = sharding.with_shardings(
+      abstract, jax.tree.map(lambda _: replicated, abstract))
+  if checkpoint:
+    state, _ = ckpt.restore_step(step, target)
+  else:
+    state, step, _ = ckpt.restore_latest(target)
+  ckpt.close()
+  return Generator(models.model, state.params, layout, tok, config, mesh,
+                   step=step)
+
+
+def save_bundle(gen: Generator, path: str,
+                meta: dict[str, Any] | None = None) -> str:
+  """Writes a 'generator' bundle: the tokenizer's bundle in path/tokenizer."""
+  path = bundle_lib.save(path, kind='generator', config=gen.config,
+                         variables={'params': gen.params},
+                         meta={'step': gen.step, **(meta or {})})
+  tokenizer_lib.save_bundle(gen.tokenizer, os.path.join(path, 'tokenizer'))
+  return path
+
+
+def load_bundle(path: str, mesh: jax.sharding.Mesh | None = None
+                ) -> Generator:
+  """`dqvq.load_generator`: a Generator from a bundle directory."""
+  manifest = bundle_lib.read_manifest(path, kind='generator')
+  mesh = mesh or sharding.create_mesh()
+  config = manifest['config']
+  tok = tokenizer_lib.load_bundle(os.path.join(manifest['path'], 'tokenizer'),
+                                  mesh)
+  config.tokenizer.workdir = tok.workdir
+  layout = stage2.build_layout(config, tok)
+  models = stage2.build_models(config, layout)
+  variables = bundle_lib.restore_variables(
+      path, {'params': _abstract_params(models)}, mesh)
+  return Generator(models.model, variables['params'], layout, tok, config,
+                   mesh, step=int(manifest['meta'].get('step', 0)))
+
+
+__all__ = ['Generator', 'load_run', 'load_bundle', 'save_bundle']
