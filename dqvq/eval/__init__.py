@@ -1,0 +1,1 @@
+"""Evaluation metrics (FID / IS statistics, reconstruction, coding), one module each."""
