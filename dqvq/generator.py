@@ -15,7 +15,7 @@ import os
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -95,13 +95,14 @@ class Generator:
     for i, lo in enumerate(range(0, num_images, batch)):
       chunk = labels[lo:lo + batch]
       padded = np.resize(chunk, (batch,))  # static shape; extras dropped
-      out = sampler(self.params,
-                    jax.device_put(jnp.asarray(padded), batch_sharding),
-                    jax.random.fold_in(key, i))
-      host = jax.device_get({
+      # Every process holds the same labels; each places its devices' part.
+      labels_dev = jax.make_array_from_callback(
+          padded.shape, batch_sharding, lambda idx, x=padded: x[idx])
+      out = sampler(self.params, labels_dev, jax.random.fold_in(key, i))
+      host = multihost_utils.process_allgather({
           **pictures(out['content'], out['position']),
           'content': out['content'], 'position': out['position'],
-          'num_codes': out['num_codes']})
+          'num_codes': out['num_codes']}, tiled=True)
       for name, value in host.items():
         results.setdefault(name, []).append(np.asarray(value)[:len(chunk)])
       if on_batch is not None:

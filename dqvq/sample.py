@@ -24,9 +24,11 @@ from typing import Sequence
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 import numpy as np
 import tqdm
 
+from dqvq import distributed
 from dqvq import generator as generator_lib
 from dqvq import sampling
 from dqvq import visualize
@@ -81,6 +83,8 @@ def run(*, out: str, num_images: int, config: sampling.SamplingConfig,
     res = gen.sample(num_images, class_labels=class_labels, config=config,
                      batch_size=batch_size, on_batch=bar.update)
   seconds = time.time() - start
+  if jax.process_index() != 0:
+    return res  # every process samples its shard; process 0 writes
   images = visualize.to_uint8(res['image'])
   previews = visualize.to_uint8(res['preview'])
   for i in range(num_images):
@@ -106,6 +110,7 @@ def _ints(values: Sequence[str] | None) -> tuple[int, ...] | None:
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  distributed.initialize()
   sources = [f for f in ('workdir', 'checkpoint', 'bundle') if FLAGS[f].value]
   if not FLAGS.out or len(sources) != 1:
     raise app.UsageError('--out and exactly one of --workdir, --checkpoint or '

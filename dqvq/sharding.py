@@ -124,3 +124,22 @@ def logical_state_shardings(abstract_state: Any, param_specs: Any, mesh: Mesh,
     return NamedSharding(mesh, fsdp_spec(np.shape(x), mesh.shape['fsdp']))
 
   return jax.tree_util.tree_map_with_path(leaf, abstract_state)
+
+
+def bytes_per_device(abstract_state: Any, shardings: Any) -> int:
+  """The largest per-device footprint of a sharded state, in bytes.
+
+  Each leaf costs its shard's size (`shard_shape`) on every device holding
+  it; replicated leaves cost their full size everywhere. This is what the
+  run must fit before activations, printed before anything compiles.
+  """
+  total = 0
+  for leaf, shard in zip(jax.tree.leaves(abstract_state),
+                         jax.tree.leaves(shardings)):
+    shape = shard.shard_shape(tuple(leaf.shape))
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      itemsize = 8  # a threefry key's two uint32 words
+    else:
+      itemsize = np.dtype(leaf.dtype).itemsize
+    total += int(np.prod(shape, dtype=np.int64)) * itemsize
+  return total

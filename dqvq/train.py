@@ -16,6 +16,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from dqvq import distributed
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/demo.py or configs/x.py:runlocal.',
     lock_config=True)
@@ -27,6 +29,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  distributed.initialize()  # before anything touches a device
   config = _CONFIG.value
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)

@@ -172,6 +172,19 @@ def test_shard_for_host_is_disjoint_and_complete():
     pipeline.shard_for_host(ds, 2, 2)
 
 
+@pytest.mark.parametrize('n', [24, 23, 13, 5])
+def test_block_shards_assemble_the_single_host_batches(n):
+  """Host batches of 3 from 2 hosts, concatenated in process order, are the
+  batches of 6 one host reads: same elements, same order."""
+  ds = grain.MapDataset.range(n)
+  shards = [list(pipeline.shard_for_host(ds, i, 2, block=3)) for i in range(2)]
+  assert sorted(shards[0] + shards[1]) == list(range(n))
+  assert len(shards[0]) == len(pipeline.shard_for_host(ds, 0, 2, block=3))
+  for k in range(n // 6):
+    assert (shards[0][3 * k:3 * k + 3] + shards[1][3 * k:3 * k + 3]
+            == list(range(6 * k, 6 * k + 6)))
+
+
 def test_eval_shards_stay_in_lockstep():
   source = labelled_source(11)
   per_host = [list(pipeline.make_eval_dataset(

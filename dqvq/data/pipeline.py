@@ -7,7 +7,7 @@ reads only its shard, which is what preemptible multi-host training needs.
 Order of operations (train):
   source -> shuffle (new permutation every epoch, same on all hosts)
   -> repeat forever -> decode + augment (rng seeded by seed and global index)
-  -> this host's slice (every process_count-th element) -> threads / worker
+  -> this host's blocks of host-batch-size elements -> threads / worker
   processes -> skip undecodable images while filling the per-host batch.
 Shuffling before sharding makes the hosts split one global permutation per
 epoch; augmenting before sharding keys the augmentation on the global index,
@@ -73,12 +73,49 @@ from dqvq.sharding import BATCH_AXES
 MAX_CONSECUTIVE_SKIPS = 1000
 
 
-def shard_for_host(ds: grain.MapDataset, shard_index: int,
-                   shard_count: int) -> grain.MapDataset:
-  """Every `shard_count`-th element starting at `shard_index`: disjoint."""
+class _BlockShard(grain.MapDataset):
+  """Host `index`'s blocks of `block` elements out of every `count` blocks."""
+
+  def __init__(self, parent: grain.MapDataset, index: int, count: int,
+               block: int):
+    super().__init__(parent)
+    self._index, self._count, self._block = index, count, block
+    n = len(parent)
+    rounds, rest = divmod(n, block * count)
+    self._len = rounds * block + min(max(rest - index * block, 0), block)
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, j):
+    if isinstance(j, slice):
+      return self.slice(j)
+    rnd, offset = divmod(j, self._block)
+    return self._parent[(rnd * self._count + self._index) * self._block
+                        + offset]
+
+  def __str__(self) -> str:
+    return f'_BlockShard({self._index}/{self._count}, block={self._block})'
+
+
+def shard_for_host(ds: grain.MapDataset, shard_index: int, shard_count: int,
+                   block: int = 1) -> grain.MapDataset:
+  """This host's disjoint share: blocks of `block` consecutive elements.
+
+  With `block` = the host batch size, host p's k-th batch is elements
+  [k*B + p*b, k*B + (p+1)*b) of the global order (B = b * shard_count), so
+  the global batch the hosts assemble, in process order, is the same batch,
+  in the same order, as one process would read: a run's result does not
+  depend on how many hosts it ran on (order matters to the dead-code
+  restart, which draws vectors by batch position).
+  """
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'shard_index {shard_index} not in [0, {shard_count}).')
-  return ds[shard_index::shard_count]
+  if shard_count == 1:
+    return ds
+  if block == 1:
+    return ds[shard_index::shard_count]
+  return _BlockShard(ds, shard_index, shard_count, block)
 
 
 def host_shard() -> tuple[int, int]:
@@ -201,7 +238,7 @@ def make_train_dataset(source: Any, *, resolution: int, host_batch_size: int,
   ds = grain.MapDataset.source(source).seed(int(seed) % 2**32)
   ds = ds.shuffle().repeat().random_map(
       transforms.TrainPreprocess(resolution))
-  ds = shard_for_host(ds, shard_index, shard_count)
+  ds = shard_for_host(ds, shard_index, shard_count, host_batch_size)
   return SkipAndBatchDataset(
       _parallel(ds, num_workers, read_threads, host_batch_size),
       host_batch_size, (resolution, resolution, 3))
@@ -219,7 +256,7 @@ def make_eval_dataset(source: Any, *, resolution: int, host_batch_size: int,
                       read_threads: int = 8) -> grain.IterDataset:
   """One pass over this host's shard, center crops, padded (see `mask`)."""
   ds = grain.MapDataset.source(source)
-  ds = shard_for_host(ds, shard_index, shard_count)
+  ds = shard_for_host(ds, shard_index, shard_count, host_batch_size)
   ds = ds.map(transforms.EvalPreprocess(resolution))
   return SkipAndBatchDataset(
       _parallel(ds, num_workers, read_threads, host_batch_size),

@@ -82,6 +82,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
   rng = jax.random.key(config.seed)
   abstract = jax.eval_shape(task.init, rng)
   shardings = task.state_shardings(abstract)
+  logging.info(
+      'State: %.3f GiB per device (params and optimizer, mesh %s), before '
+      'activations; `python -m dqvq.aot` checks a topology ahead of time.',
+      sharding.bytes_per_device(abstract, shardings) / 2**30,
+      dict(mesh.shape))
   train_iter = iter(task.datasets.train)
 
   checkpointer = ckpt_lib.Checkpointer(
