@@ -45,7 +45,7 @@ def get_config(arg=None):
   c.model.update(dict(
       width=128, num_heads=4, position_layers=1, content_layers=2,
       block_size=512, embed_dropout=0.1, attn_dropout=0.0,
-      resid_dropout=0.1))
+      resid_dropout=0.1, remat=False))  # remat only pays for big batches
   c.optim.base_learning_rate = 1e-3
   c.batch_size = 16
   c.eval_batch_size = 16

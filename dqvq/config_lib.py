@@ -157,6 +157,9 @@ def stage2_config(arg: str | None = None) -> ml_collections.ConfigDict:
       **kw,
       num_classes=0 if opts['uncond'] else 1000,
       label_dropout=0.0,   # > 0: null-class training for CFG sampling
+      # Recompute block activations in the backward pass: the paper's 30
+      # sequences per device do not fit otherwise (python -m dqvq.aot).
+      remat=not opts['runlocal'],
       capacities=ml_collections.config_dict.placeholder(tuple)))  # None: full
   c.data = _data_config()
   c.batch_size = 240                  # official 30 per GPU x 8 GPUs

@@ -432,3 +432,29 @@ def test_validate():
                                      block_size=1024)).validate()
   with pytest.raises(ValueError):
     tr_lib.paper_kwargs('huge')
+
+
+def test_remat_keeps_params_outputs_and_gradients():
+  """`remat=True` only changes what the backward pass stores: the same
+  parameter tree (checkpoints interchange), logits and gradients, and the
+  KV-cached decode path still runs."""
+  layout = sequence.StreamLayout((2, 4), 16, num_classes=3)
+  args = _model_args(_streams(layout, batch=2, labels=np.array([0, 2])))
+  plain, remat = _tiny(layout), _tiny(layout, remat=True)
+  params = _randomized_params(plain, args)
+  shapes = jax.eval_shape(functools.partial(remat.init),
+                          {'params': jax.random.key(0)}, *args)
+  assert (jax.tree.structure(nn.unbox(shapes)) ==
+          jax.tree.structure(params))
+
+  def loss(model, p):
+    pos, con = model.apply(p, *args)
+    return jnp.mean(pos ** 2) + jnp.mean(con ** 2)
+
+  (l0, g0), (l1, g1) = [jax.jit(jax.value_and_grad(
+      functools.partial(loss, m)))(params) for m in (plain, remat)]
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+  cache = remat.init_cache(2, layout.length - 1)
+  assert jax.tree.leaves(cache)

@@ -175,6 +175,9 @@ class DQTransformer(nn.Module):
     mlp_ratio: MLP hidden width / width.
     embed_dropout, attn_dropout, resid_dropout: official 0.1 each.
     dtype: compute dtype (params stay float32).
+    remat: recompute each block's activations in the backward pass instead
+      of storing them (`nn.remat`): the paper-size models at the official
+      per-device batch need it to fit (see `python -m dqvq.aot`).
   """
   layout: sequence.StreamLayout
   width: int = 1024
@@ -187,6 +190,7 @@ class DQTransformer(nn.Module):
   attn_dropout: float = 0.1
   resid_dropout: float = 0.1
   dtype: Any = None
+  remat: bool = False
 
   def validate(self) -> None:
     if self.width % self.num_heads:
@@ -212,9 +216,11 @@ class DQTransformer(nn.Module):
     self.pos_emb = self.param(
         'pos_emb', _init((None, 'length', 'embed'), nn.initializers.zeros),
         (1, self.block_size, e))
-    block = lambda name: Block(self.num_heads, self.mlp_ratio,
-                               self.attn_dropout, self.resid_dropout,
-                               self.dtype, name=name)
+    # `train` (argument 3, counting self) is a Python bool: static.
+    block_cls = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
+    block = lambda name: block_cls(self.num_heads, self.mlp_ratio,
+                                   self.attn_dropout, self.resid_dropout,
+                                   self.dtype, name=name)
     self.position_blocks = [block(f'position_transformer_{i}')
                             for i in range(self.position_layers)]
     self.content_blocks = [block(f'content_transformer_{i}')
