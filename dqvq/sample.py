@@ -50,9 +50,15 @@ def define_flags() -> None:
       'STEP) instead of the newest step of --workdir.')
   flags.DEFINE_integer('num_images', 16, 'Images to sample.')
   flags.DEFINE_string('out', None, 'Output directory.')
-  flags.DEFINE_multi_integer('class_label', [], 'Class ids.')
   flags.DEFINE_integer('batch_size', 0, 'Images per sampler call; 0: 4 per '
                        'device. Rounded up to the devices.')
+  define_sampling_flags()
+
+
+def define_sampling_flags() -> None:
+  """Flags of `sampling.SamplingConfig` and class labels (sample, evaluate)."""
+  flags.DEFINE_multi_integer('class_label', [], 'Class ids (cycled); default: '
+                             'every class in turn.')
   flags.DEFINE_float('temperature', 1.0, 'Contents.')
   flags.DEFINE_float('temperature_position', None,
                      'Positions (default --temperature).')
@@ -108,14 +114,9 @@ def _ints(values: Sequence[str] | None) -> tuple[int, ...] | None:
   return tuple(int(v) for v in values) if values else None
 
 
-def main(argv: Sequence[str]) -> None:
-  del argv
-  distributed.initialize()
-  sources = [f for f in ('workdir', 'checkpoint', 'bundle') if FLAGS[f].value]
-  if not FLAGS.out or len(sources) != 1:
-    raise app.UsageError('--out and exactly one of --workdir, --checkpoint or '
-                         '--bundle are needed.')
-  config = sampling.SamplingConfig(
+def sampling_config_from_flags() -> sampling.SamplingConfig:
+  """The SamplingConfig the parsed `define_sampling_flags` flags name."""
+  return sampling.SamplingConfig(
       temperature_content=FLAGS.temperature,
       temperature_position=(FLAGS.temperature
                             if FLAGS.temperature_position is None
@@ -127,7 +128,17 @@ def main(argv: Sequence[str]) -> None:
       else FLAGS.cfg_scale_position,
       min_codes=_ints(FLAGS.min_codes), max_codes=_ints(FLAGS.max_codes),
       seed=FLAGS.seed)
-  run(out=FLAGS.out, num_images=FLAGS.num_images, config=config,
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  distributed.initialize()
+  sources = [f for f in ('workdir', 'checkpoint', 'bundle') if FLAGS[f].value]
+  if not FLAGS.out or len(sources) != 1:
+    raise app.UsageError('--out and exactly one of --workdir, --checkpoint or '
+                         '--bundle are needed.')
+  run(out=FLAGS.out, num_images=FLAGS.num_images,
+      config=sampling_config_from_flags(),
       workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, bundle=FLAGS.bundle,
       class_labels=FLAGS.class_label, batch_size=FLAGS.batch_size)
 

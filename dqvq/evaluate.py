@@ -1,0 +1,371 @@
+r"""Evaluates a tokenizer or generator: every figure of the paper's tables.
+
+  python -m dqvq.evaluate --workdir RUN (or --bundle B) --split validation \
+      [--num_images N] [--what tokenizer|generator] [--batch_size B] \
+      [--inception_weights DIR|random] [--lpips_weights DIR|random] \
+      [--ratios 0.3,0.5,0.7] [--data_dir D] [--out OUT] [--stats_cache DIR] \
+      [--num_samples N --class_label C --top_k 300 --cfg_scale 1.5 ...]
+
+What is measured is in `dqvq.eval.tokenizer_eval` (PSNR / SSIM / LPIPS,
+rFID, usage, code lengths, coding-map AUROC, rate-distortion budgets) and
+`dqvq.eval.generator_eval` (FID / IS, sampled vs data code lengths). This
+module checks the input (before anything is compiled), reads the split once
+and writes OUT/metrics.json (default OUT: RUN/eval/<what>-<split>-step<N>)
+with every figure, the config, checkpoint step, data hash and weights used,
+the pictures (`dqvq.eval.plots`) and, with --workdir, the scalars to the
+run's TensorBoard as eval/<what>/<name> at the checkpoint step. Every process
+computes; process 0 writes. LPIPS defaults to the stage-1 config's
+`lpips_weights`; FID needs --inception_weights; 'random' weights are for
+tests and flagged as not comparable. Real-image FID statistics are cached in
+--stats_cache (default OUT) under a hash of what they depend on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from typing import Any, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from dqvq import bundle as bundle_lib
+from dqvq import checkpoint as ckpt_lib
+from dqvq import distributed
+from dqvq import metrics as metrics_lib
+from dqvq import sample
+from dqvq import sampling
+from dqvq import sharding
+from dqvq import tokenizer as tokenizer_lib
+from dqvq.data import pipeline
+from dqvq.eval import generator_eval
+from dqvq.eval import plots
+from dqvq.eval import tokenizer_eval
+
+FLAGS = flags.FLAGS
+WHATS = ('tokenizer', 'generator')
+# Logged and printed at the end; the JSON has everything.
+HEADLINE = ('psnr', 'ssim', 'lpips', 'rfid', 'codebook_usage', 'perplexity',
+            'code_length_mean', 'code_length_var', 'coding_map_auroc',
+            'bits_per_image', 'fid', 'inception_score',
+            'sample_code_length_mean', 'data_code_length_mean',
+            'code_length_wasserstein')
+
+
+@dataclasses.dataclass
+class EvalOptions:
+  """Everything the CLI takes; `run` evaluates with these."""
+  workdir: str | None = None
+  bundle: str | None = None
+  what: str | None = None             # None: by the run's stage
+  split: str | None = None            # None: the config's eval_split
+  num_images: int = 0                 # 0: the whole split
+  num_samples: int = 0                # generator; 0: as many as num_images
+  batch_size: int = 0                 # 0: the config's eval_batch_size
+  inception_weights: str = ''         # '' skips FID / IS / rFID
+  lpips_weights: str | None = None    # None: the stage-1 config's; '' skips
+  ratios: tuple[float, ...] = ()
+  data_dir: str | None = None
+  out: str | None = None
+  stats_cache: str | None = None
+  num_pictures: int = 8
+  class_labels: tuple[int, ...] = ()
+  sampling: sampling.SamplingConfig = dataclasses.field(
+      default_factory=sampling.SamplingConfig)
+  tensorboard: bool = True
+
+
+@dataclasses.dataclass
+class Source:
+  """What --workdir / --bundle holds, read from metadata only (no weights)."""
+  stage: int                                # 1: tokenizer, 2: generator
+  config: ml_collections.ConfigDict         # its own config
+  tokenizer_config: ml_collections.ConfigDict
+  step: int
+  where: str                                # eval outputs default under it
+  workdir: str | None = None
+  bundle: str | None = None
+  tokenizer_workdir: str | None = None      # the stage-1 run, if any
+  tokenizer_step: int = 0
+
+
+def _run_meta(workdir: str) -> tuple[ml_collections.ConfigDict, int]:
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise FileNotFoundError(
+        f'{workdir} holds no checkpoints/: give a dqvq.train run directory '
+        'with --workdir, or a bundle (python -m dqvq.export) with --bundle.')
+  ckpt = ckpt_lib.Checkpointer(workdir, save_every=0)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'{workdir}/checkpoints holds no finished '
+                              'checkpoint yet.')
+    config = ckpt.read_meta(step).get('config')
+  finally:
+    ckpt.close()
+  if not config:
+    raise ValueError(f'Checkpoint {step} of {workdir} stores no config; it was '
+                     'not written by dqvq.train.')
+  return ml_collections.ConfigDict(config), step
+
+
+def describe(workdir: str | None, bundle: str | None) -> Source:
+  """The stage, configs and step of a run or bundle, before any restore."""
+  if bool(workdir) == bool(bundle):
+    raise ValueError('Give exactly one of --workdir (a training run) or '
+                     '--bundle (from python -m dqvq.export).')
+  if workdir:
+    config, step = _run_meta(workdir)
+    stage = int(config.get('stage', 1))
+    tok_dir = workdir if stage == 1 else config.tokenizer.workdir
+    tok_cfg, tok_step = (config, step) if stage == 1 else _run_meta(tok_dir)
+    return Source(stage, config, tok_cfg, step, os.path.abspath(workdir),
+                  workdir=workdir, tokenizer_workdir=tok_dir,
+                  tokenizer_step=tok_step)
+  manifest = bundle_lib.read_manifest(bundle)
+  stage = 1 if manifest['kind'] == 'tokenizer' else 2
+  tok = manifest if stage == 1 else bundle_lib.read_manifest(
+      os.path.join(manifest['path'], 'tokenizer'), kind='tokenizer')
+  return Source(stage, manifest['config'], tok['config'],
+                int(manifest['meta'].get('step', 0)), manifest['path'],
+                bundle=bundle, tokenizer_step=int(tok['meta'].get('step', 0)))
+
+
+def load_tokenizer(src: Source, mesh: jax.sharding.Mesh
+                   ) -> tokenizer_lib.Tokenizer:
+  if src.bundle:
+    path = src.bundle if src.stage == 1 else os.path.join(src.where,
+                                                          'tokenizer')
+    return tokenizer_lib.load_bundle(path, mesh)
+  return tokenizer_lib.load_stage1(src.tokenizer_workdir, mesh)
+
+
+def _json_clean(value: Any) -> Any:
+  """JSON-safe copy: numpy to Python, tuples to lists, inf / NaN to null."""
+  if isinstance(value, dict):
+    return {str(k): _json_clean(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_clean(v) for v in value]
+  if isinstance(value, np.ndarray):
+    return _json_clean(value.tolist())
+  if isinstance(value, (np.integer, np.bool_)):
+    return value.item()
+  if isinstance(value, (float, np.floating)):
+    value = float(value)
+    return value if math.isfinite(value) else None
+  return value
+
+
+def _weights_entry(path: str) -> dict[str, Any] | None:
+  if not path:
+    return None
+  return {'path': path if path == 'random' else os.path.abspath(path),
+          'comparable': path != 'random'}
+
+
+def _split_name(split: str) -> str:
+  return re.sub(r'[^A-Za-z0-9_.-]+', '_', split).strip('_') or 'split'
+
+
+def _batch_size(options: EvalOptions, config: ml_collections.ConfigDict
+                ) -> int:
+  n = jax.device_count()
+  if options.batch_size:
+    if options.batch_size < 0 or options.batch_size % n:
+      raise ValueError(f'--batch_size={options.batch_size} must be a positive '
+                       f'multiple of the {n} devices (e.g. '
+                       f'{max(n, options.batch_size - options.batch_size % n)}'
+                       ').')
+    return options.batch_size
+  return -(-int(config.get('eval_batch_size', 0) or 8 * n) // n) * n
+
+
+def _scalars(figures: dict[str, Any]) -> dict[str, float]:
+  return {k: float(v) for k, v in figures.items()
+          if isinstance(v, (int, float, np.floating)) and not isinstance(
+              v, bool) and math.isfinite(float(v))}
+
+
+def _global_batches(datasets: pipeline.Datasets, mesh: jax.sharding.Mesh):
+  for host_batch in datasets.eval:
+    yield pipeline.make_global_batch(
+        {'image': host_batch['image'], 'mask': host_batch['mask']}, mesh)
+
+
+def run(options: EvalOptions) -> dict[str, Any]:
+  """Evaluates and writes everything (see the module docstring).
+
+  All checks run first (source, --what, split, image count, weights paths,
+  budgets); then models load and the split is read once. Returns the
+  metrics.json payload (on every process).
+  """
+  start = time.time()
+  src = describe(options.workdir, options.bundle)
+  what = options.what or ('tokenizer' if src.stage == 1 else 'generator')
+  if what not in WHATS:
+    raise ValueError(f'--what={what!r}; choose one of {WHATS}.')
+  if what == 'generator' and src.stage != 2:
+    raise ValueError(
+        f'--what=generator needs a stage-2 run or a generator bundle; '
+        f'{src.where} is a tokenizer (stage 1). Evaluate it with '
+        '--what=tokenizer, or point --workdir at the DQ-Transformer run.')
+  tok_cfg = src.tokenizer_config
+  tokenizer_eval.validate_ratios(options.ratios, tok_cfg.model)
+  if what == 'generator' and options.ratios:
+    raise ValueError('--ratios sets tokenizer budgets; it has no meaning for '
+                     '--what=generator.')
+  inception = tokenizer_eval.check_weights(options.inception_weights,
+                                           'inception')
+  lpips_path = (tok_cfg.get('lpips_weights', '') or ''
+                if options.lpips_weights is None else options.lpips_weights)
+  lpips_path = tokenizer_eval.check_weights(lpips_path, 'lpips') \
+      if what == 'tokenizer' else ''
+  if options.num_images < 0 or options.num_samples < 0:
+    raise ValueError('--num_images and --num_samples must be >= 0 '
+                     '(0: the whole split / as many as the images).')
+  data_cfg = (tok_cfg if what == 'tokenizer' else src.config).data
+  data, data_info = tokenizer_eval.resolve_data(
+      data_cfg, split=options.split, num_images=options.num_images,
+      data_dir=options.data_dir, resolution=tok_cfg.data.resolution)
+  num_samples = options.num_samples or data_info['num_images']
+  if what == 'generator' and inception and num_samples < 2:
+    raise ValueError('FID and IS need at least 2 samples; raise --num_samples.')
+  own = what == WHATS[src.stage - 1]  # else: a stage-2 run's tokenizer
+  config = src.config if own else tok_cfg
+  step = src.step if own else src.tokenizer_step
+  batch = _batch_size(options, config)
+  out = options.out or os.path.join(
+      src.where, 'eval', f'{what}-{_split_name(data_info["split"])}-step'
+      f'{step}')
+  notes: list[str] = []
+
+  mesh = sharding.create_mesh()
+  datasets = pipeline.create_datasets(
+      data, global_batch_size=batch, eval_batch_size=batch, seed=0, mesh=mesh)
+  fid = generator_eval.fid_setup(
+      inception, mesh, data_info['hash'], options.stats_cache or out, notes,
+      min(data_info['num_images'], num_samples))
+  bar = tqdm.tqdm(unit='img', desc=f'evaluating {what}',
+                  disable=jax.process_index() != 0)
+  batches = _global_batches(datasets, mesh)
+  if what == 'tokenizer':
+    tok = load_tokenizer(src, mesh)
+    res = tokenizer_eval.evaluate_tokenizer(
+        tok, batches, fine_ratios=options.ratios,
+        lpips=tokenizer_eval.lpips_setup(lpips_path, mesh, notes), fid=fid,
+        num_pictures=options.num_pictures, on_batch=bar.update)
+  else:
+    gen = generator_eval.load(src.workdir, src.bundle, mesh)
+    tok = gen.tokenizer
+    res = generator_eval.evaluate_generator(
+        gen, batches, num_samples=num_samples,
+        sampling_config=options.sampling, class_labels=options.class_labels,
+        batch_size=batch, fid=fid, on_batch=bar.update)
+  bar.close()
+  pictures = []
+  if jax.process_index() == 0:
+    factors = tuple(tok.vae.grain_factors)
+    pictures = (
+        plots.tokenizer_report(out, res, tok.vae.num_grains, factors)
+        if what == 'tokenizer' else plots.generator_report(
+            out, res, tok.vae.num_grains, factors, options.num_pictures))
+  payload = _json_clean({
+      'what': what, 'split': data_info['split'], 'step': step,
+      'source': {'workdir': src.workdir, 'bundle': src.bundle,
+                 'tokenizer_fingerprint': tok.fingerprint},
+      'data': data_info,
+      'weights': {'inception': _weights_entry(inception),
+                  'lpips': _weights_entry(lpips_path)},
+      'metrics': res['figures'],
+      'rate_distortion': res.get('rate_distortion', []),
+      'histograms': res['histograms'], 'notes': notes, 'pictures': pictures,
+      'config': config.to_dict(),
+      'options': dataclasses.asdict(options),
+      'seconds': time.time() - start})
+  if jax.process_index() == 0:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, 'metrics.json'), 'w') as f:
+      json.dump(payload, f, indent=1, sort_keys=True, allow_nan=False)
+  # TensorBoard of the run that made the evaluated model.
+  tb_dir = src.workdir if own else src.tokenizer_workdir
+  if options.tensorboard and options.workdir and tb_dir:
+    writer = metrics_lib.create_writer(tb_dir)
+    metrics_lib.write_scalars(writer, step, {
+        f'eval/{what}/{k}': v for k, v in _scalars(payload['metrics']).items()})
+    writer.flush()
+    writer.close()
+  logging.info('%s evaluation -> %s: %s', what, out, ', '.join(
+      f'{k}={v:.4g}' for k, v in sorted(_scalars(payload['metrics']).items())
+      if k in HEADLINE))
+  return payload
+
+
+def define_flags() -> None:
+  """The CLI's flags; only when run as a script (dqvq.train has --workdir)."""
+  flags.DEFINE_string('workdir', None, 'A stage-1 or stage-2 run directory.')
+  flags.DEFINE_string('bundle', None, 'A tokenizer or generator bundle.')
+  flags.DEFINE_enum('what', None, WHATS, 'Default: by the run\'s stage.')
+  flags.DEFINE_string('split', None, 'TFDS split; default: config eval_split.')
+  flags.DEFINE_integer('num_images', 0, 'Images of the split; 0 = all.')
+  flags.DEFINE_integer('num_samples', 0, 'Generator samples; 0: num_images.')
+  flags.DEFINE_integer('batch_size', 0, 'Global batch (multiple of the '
+                       'devices); 0: the config\'s eval_batch_size.')
+  flags.DEFINE_string('inception_weights', '', 'Directory from `python -m '
+                      'dqvq.convert inception`, or random; empty: no FID.')
+  flags.DEFINE_string('lpips_weights', None, 'Directory from `python -m '
+                      'dqvq.convert lpips`, random, or empty to skip; '
+                      'default: the stage-1 config\'s lpips_weights.')
+  flags.DEFINE_list('ratios', [], 'Finest-grain budgets for a '
+                    'rate-distortion curve, e.g. 0.3,0.5,0.7.')
+  flags.DEFINE_string('data_dir', None, 'TFDS data dir; default: config\'s.')
+  flags.DEFINE_string('out', None, 'Output directory.')
+  flags.DEFINE_string('stats_cache', None, 'FID reference statistics cache '
+                      'directory; default: --out.')
+  flags.DEFINE_integer('num_pictures', 8, 'Examples (or samples) pictured.')
+  flags.DEFINE_bool('tensorboard', True, 'Also write the run\'s TensorBoard.')
+  sample.define_sampling_flags()
+  flags.adopt_module_key_flags(sample)  # listed in --help
+
+
+def options_from_flags() -> EvalOptions:
+  """EvalOptions from the parsed flags (same sampling flags as dqvq.sample)."""
+  try:
+    ratios = tuple(float(r) for r in FLAGS.ratios)
+  except ValueError as e:
+    raise app.UsageError(f'--ratios must be numbers, e.g. 0.3,0.5,0.7 ({e}).')
+  config = sample.sampling_config_from_flags()
+  return EvalOptions(
+      workdir=FLAGS.workdir, bundle=FLAGS.bundle, what=FLAGS.what,
+      split=FLAGS.split, num_images=FLAGS.num_images,
+      num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size,
+      inception_weights=FLAGS.inception_weights,
+      lpips_weights=FLAGS.lpips_weights, ratios=ratios,
+      data_dir=FLAGS.data_dir, out=FLAGS.out, stats_cache=FLAGS.stats_cache,
+      num_pictures=FLAGS.num_pictures,
+      class_labels=tuple(FLAGS.class_label), sampling=config,
+      tensorboard=FLAGS.tensorboard)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  distributed.initialize()
+  payload = run(options_from_flags())
+  if jax.process_index() == 0:
+    print(json.dumps({k: payload['metrics'].get(k)
+                      for k in HEADLINE
+                      if k in payload['metrics']}, indent=1))
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
