@@ -6,6 +6,9 @@ own data shard, Orbax checkpoints written by both) and, for reference,
 `dqvq.train.run` in this process (8 fake devices). The logged losses
 of every step must agree: the global batch, the sharding and the updates are
 the same, only the process boundary differs.
+
+Marked slow (not in the default run): `python -m pytest -m slow
+tests/test_multihost.py`.
 """
 
 import collections
@@ -15,6 +18,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import load_config
 
@@ -54,6 +58,7 @@ def read_scalars(workdir: str) -> dict[str, dict[int, float]]:
   return dict(out)
 
 
+@pytest.mark.slow  # three training runs of both stages: minutes on 2 cores
 def test_two_processes_match_one(demo_data_dir, tmp_path):
   multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
   args = ['--config', 'configs/demo.py:runlocal', *OVERRIDES]
