@@ -60,7 +60,8 @@ def save(path: str, *, kind: str, config: ml_collections.ConfigDict,
   os.makedirs(path, exist_ok=True)
   config = ml_collections.ConfigDict(config.to_dict())
   thresholds = config.get('model', {}).get('entropy_thresholds')
-  if kind == 'tokenizer' and isinstance(thresholds, str) and thresholds:
+  if (kind == 'tokenizer' and config.model.get('router') == 'entropy' and
+      isinstance(thresholds, str) and thresholds):
     if not os.path.exists(thresholds):
       raise FileNotFoundError(
           f'The tokenizer routes with {thresholds}, which does not exist.')

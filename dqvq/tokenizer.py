@@ -84,6 +84,8 @@ def _stage1_config(meta_config: dict[str, Any],
                    workdir: str) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(meta_config)
   thresholds = config.model.get('entropy_thresholds')
+  if config.model.get('router') != 'entropy':
+    return config  # the table is only read by the entropy router
   if isinstance(thresholds, str) and thresholds and not os.path.exists(
       thresholds):
     # The run directory was moved: look for the table next to the checkpoints.
