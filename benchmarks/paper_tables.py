@@ -70,6 +70,11 @@ def fine_ratio(figures: dict[str, float]) -> float:
   return shares[min(shares, key=lambda k: int(k[len('ratio_f'):]))]
 
 
+def _cell(figures: dict[str, float], key: str, fmt: str) -> str:
+  v = figures.get(key)
+  return 'n/a' if v is None else f'{v:{fmt}}'
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--workdir', required=True)
@@ -91,20 +96,17 @@ def main() -> None:
         workdir=workdir, what='tokenizer', lpips_weights=args.lpips_weights,
         inception_weights=args.inception_weights, tensorboard=False,
         out=os.path.join(workdir, 'eval')))
-    figures = dict(res['figures'])
+    figures = dict(res['metrics'])
     figures['ratio_fine'] = fine_ratio(figures)
     rows[name] = figures
-    print(f'{name}: ' + ', '.join(f'{k}={figures.get(key, float("nan")):{f}}'
+    print(f'{name}: ' + ', '.join(f'{k}={_cell(figures, key, f)}'
                                   for k, key, f in COLUMNS), flush=True)
   header = '| model | ' + ' | '.join(c[0] for c in COLUMNS) + ' |'
   print(f'\nDemo data, 64 px, {args.steps} steps per model, validation split')
   print(header)
   print('|' + '---|' * (len(COLUMNS) + 1))
   for name, figures in rows.items():
-    cells = []
-    for _, key, f in COLUMNS:
-      v = figures.get(key)
-      cells.append('n/a' if v is None else f'{v:{f}}')
+    cells = [_cell(figures, key, f) for _, key, f in COLUMNS]
     print(f'| {name} | ' + ' | '.join(cells) + ' |')
   out = os.path.join(args.workdir, 'table.json')
   with open(out, 'w') as f:

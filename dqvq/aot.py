@@ -33,24 +33,32 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file (e.g. configs/imagenet_stage2.py:large).',
-    lock_config=False)
-_DEVICES = flags.DEFINE_integer('devices', 8, 'Fake CPU devices to compile '
-                                'for (without --topology).')
-_DATA = flags.DEFINE_integer('data', -1, 'Mesh data axis (-1: the rest).')
-_FSDP = flags.DEFINE_integer('fsdp', None, 'Mesh fsdp axis (default: the '
-                             "config's mesh.fsdp).")
-_TOPOLOGY = flags.DEFINE_string(
-    'topology', None, 'An accelerator topology, e.g. v5e:4x4 (platform tpu) '
-    'or a jax.experimental.topologies name.')
-_PLATFORM = flags.DEFINE_string('platform', 'tpu', 'Platform of --topology.')
-_MEMORY = flags.DEFINE_float('device_memory_gb', 0.0,
-                             'Fail when a device needs more (0: no limit).')
-_GRAIN_FACTORS = flags.DEFINE_list('grain_factors', ['16', '8'],
-                                   'Stage 2 without a tokenizer: its grains.')
-_CODEBOOK = flags.DEFINE_integer('codebook_size', 1024,
-                                 'Stage 2 without a tokenizer: codebook size.')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The CLI's flags; only when run as a script (dqvq.train defines --config
+  too, and absl refuses a second definition in one process)."""
+  config_flags.DEFINE_config_file(
+      'config', None, 'Config file (e.g. configs/imagenet_stage2.py:large).',
+      lock_config=False)
+  flags.DEFINE_integer('devices', 8, 'Fake CPU devices to compile for '
+                       '(without --topology).')
+  flags.DEFINE_integer('data', -1, 'Mesh data axis (-1: the rest).')
+  flags.DEFINE_integer('fsdp', None, "Mesh fsdp axis (default: the config's "
+                       'mesh.fsdp).')
+  flags.DEFINE_string(
+      'topology', None, 'An accelerator topology, e.g. v5e:4x4 (platform '
+      'tpu) or a jax.experimental.topologies name.')
+  flags.DEFINE_string('platform', 'tpu', 'Platform of --topology.')
+  flags.DEFINE_float('device_memory_gb', 0.0,
+                     'Fail when a device needs more (0: no limit).')
+  flags.DEFINE_list('grain_factors', ['16', '8'],
+                    'Stage 2 without a tokenizer: its grains.')
+  flags.DEFINE_integer('codebook_size', 1024,
+                       'Stage 2 without a tokenizer: codebook size.')
+
+
 GiB = 2**30
 
 
@@ -157,18 +165,18 @@ def check(config: Any, devices: Sequence[Any], *, data: int = -1,
 
 def _devices() -> list[Any]:
   import jax  # pylint: disable=g-import-not-at-top
-  if _TOPOLOGY.value:
+  if FLAGS.topology:
     from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
     try:
-      topo = topologies.get_topology_desc(_TOPOLOGY.value, _PLATFORM.value)
+      topo = topologies.get_topology_desc(FLAGS.topology, FLAGS.platform)
     except Exception as e:  # pylint: disable=broad-exception-caught
       raise app.UsageError(
-          f'Cannot build topology {_TOPOLOGY.value!r} for platform '
-          f'{_PLATFORM.value!r} on this machine ({e}); install that '
+          f'Cannot build topology {FLAGS.topology!r} for platform '
+          f'{FLAGS.platform!r} on this machine ({e}); install that '
           "platform's jax plugin (e.g. jax[tpu]) or use --devices N to "
           'plan on fake CPU devices.') from e
     return list(topo.devices)
-  if jax.device_count() != _DEVICES.value:
+  if jax.device_count() != FLAGS.devices:
     raise app.UsageError(
         f'jax already has {jax.device_count()} devices; run dqvq.aot as its '
         'own process so --devices can set the fake CPU device count.')
@@ -178,16 +186,16 @@ def _devices() -> list[Any]:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _CONFIG.value is None:
+  if FLAGS.config is None:
     raise app.UsageError('--config is required.')
-  config = _CONFIG.value
-  figures = check(config, _devices(), data=_DATA.value, fsdp=_FSDP.value,
-                  grain_factors=[int(f) for f in _GRAIN_FACTORS.value],
-                  codebook_size=_CODEBOOK.value)
+  config = FLAGS.config
+  figures = check(config, _devices(), data=FLAGS.data, fsdp=FLAGS.fsdp,
+                  grain_factors=[int(f) for f in FLAGS.grain_factors],
+                  codebook_size=FLAGS.codebook_size)
   print(' '.join(f'{k}={v:.4g}' for k, v in figures.items()))
-  if _MEMORY.value and figures['total_gib'] > _MEMORY.value:
+  if FLAGS.device_memory_gb and figures['total_gib'] > FLAGS.device_memory_gb:
     print(f'error: the step needs {figures["total_gib"]:.2f} GiB per device, '
-          f'more than --device_memory_gb={_MEMORY.value:g}: raise mesh.fsdp, '
+          f'more than --device_memory_gb={FLAGS.device_memory_gb:g}: raise mesh.fsdp, '
           'lower batch_size or use compute_dtype=bfloat16.', file=sys.stderr)
     sys.exit(1)
 
@@ -199,4 +207,5 @@ if __name__ == '__main__':
       n = arg.split('=', 1)[1] if '=' in arg else sys.argv[i + 1]
       os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_'
                                  f'force_host_platform_device_count={n}')
+  define_flags()
   app.run(main)

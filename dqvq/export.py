@@ -143,30 +143,36 @@ def export_run(workdir: str | None, out: str, *, checkpoint: str | None = None,
   return path
 
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A dqvq.train run directory.')
-_CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', None, 'A stage-2 step directory instead of the newest.')
-_OUT = flags.DEFINE_string('out', None, 'The bundle directory to create.')
-_PROGRAMS = flags.DEFINE_list('programs', [], f'Subset of {PROGRAMS}.')
-_PROGRAM_BATCH = flags.DEFINE_integer('program_batch', 1,
-                                      'Batch of the exported sample program.')
-_PLATFORMS = flags.DEFINE_list(
-    'platforms', None, 'Platforms of the programs (cpu, cuda, rocm, tpu); '
-    'default: this machine\'s.')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The CLI's flags; only when run as a script (dqvq.train defines
+  --workdir too, and absl refuses a second definition in one process)."""
+  flags.DEFINE_string('workdir', None, 'A dqvq.train run directory.')
+  flags.DEFINE_string('checkpoint', None,
+                      'A stage-2 step directory instead of the newest.')
+  flags.DEFINE_string('out', None, 'The bundle directory to create.')
+  flags.DEFINE_list('programs', [], f'Subset of {PROGRAMS}.')
+  flags.DEFINE_integer('program_batch', 1,
+                       'Batch of the exported sample program.')
+  flags.DEFINE_list('platforms', None, 'Platforms of the programs (cpu, '
+                    "cuda, rocm, tpu); default: this machine's.")
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if not _OUT.value or not (_WORKDIR.value or _CHECKPOINT.value):
+  if not FLAGS.out or not (FLAGS.workdir or FLAGS.checkpoint):
     raise app.UsageError('--out and --workdir (or --checkpoint) are needed.')
-  path = export_run(_WORKDIR.value, _OUT.value, checkpoint=_CHECKPOINT.value,
-                    programs=_PROGRAMS.value,
-                    program_batch=_PROGRAM_BATCH.value,
-                    platforms=_PLATFORMS.value)
+  path = export_run(FLAGS.workdir, FLAGS.out, checkpoint=FLAGS.checkpoint,
+                    programs=FLAGS.programs,
+                    program_batch=FLAGS.program_batch,
+                    platforms=FLAGS.platforms)
   logging.info('Wrote %s', path)
   print(path)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
