@@ -45,25 +45,9 @@ Example (2 processes x 4 fake CPU devices, the demo run):
 EOF
 }
 
-die_usage() {
-  echo "$prog: error: $*" >&2
-  echo >&2
-  usage >&2
-  exit 2
-}
-
-# Shell-quotes its arguments, one line, so printed commands can be pasted.
-quote() {
-  local out=() a
-  for a in "$@"; do
-    if [[ $a =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      out+=("$a")
-    else
-      out+=("'${a//\'/\'\\\'\'}'")
-    fi
-  done
-  printf '%s\n' "${out[*]}"
-}
+# die_usage, quote, check_module_python_env (uses $prog and usage).
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 num_processes=''
 devices_per_process=1
@@ -125,14 +109,7 @@ done
 if ! [[ $port =~ ^[1-9][0-9]{0,4}$ ]] || ((port > 65535)); then
   die_usage "--port must be in 1..65535, got '$port'"
 fi
-[[ $module =~ ^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$ ]] ||
-  die_usage "--module must be a python module name like dqvq.train," \
-    "got '$module'"
-[[ -n $python ]] || die_usage "--python must not be empty"
-for kv in ${extra_env[@]+"${extra_env[@]}"}; do
-  [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] ||
-    die_usage "--env takes NAME=VALUE, got '$kv'"
-done
+check_module_python_env
 for a in ${args[@]+"${args[@]}"}; do
   case $a in
     --coordinator_address* | --num_processes* | --process_id*)

@@ -56,25 +56,9 @@ Example (2 nodes x 8 GPUs, 16 processes):
 EOF
 }
 
-die_usage() {
-  echo "$prog: error: $*" >&2
-  echo >&2
-  usage >&2
-  exit 2
-}
-
-# Shell-quotes its arguments, one line, so printed commands can be pasted.
-quote() {
-  local out=() a
-  for a in "$@"; do
-    if [[ $a =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      out+=("$a")
-    else
-      out+=("'${a//\'/\'\\\'\'}'")
-    fi
-  done
-  printf '%s\n' "${out[*]}"
-}
+# die_usage, quote, check_module_python_env (uses $prog and usage).
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 nodes=''
 gpus_per_node=''
@@ -161,14 +145,7 @@ for f in ${sbatch_flags[@]+"${sbatch_flags[@]}"}; do
   [[ $f == -* && $f != *[[:space:]]* ]] ||
     die_usage "--sbatch-flag takes one sbatch option like --exclusive, got '$f'"
 done
-[[ $module =~ ^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$ ]] ||
-  die_usage "--module must be a python module name like dqvq.train," \
-    "got '$module'"
-[[ -n $python ]] || die_usage "--python must not be empty"
-for kv in ${extra_env[@]+"${extra_env[@]}"}; do
-  [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] ||
-    die_usage "--env takes NAME=VALUE, got '$kv'"
-done
+check_module_python_env
 for a in ${args[@]+"${args[@]}"}; do
   case $a in
     --coordinator_address* | --num_processes* | --process_id*)

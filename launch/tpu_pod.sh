@@ -58,25 +58,9 @@ Example (a v4-32 slice: 4 workers, 16 chips):
 EOF
 }
 
-die_usage() {
-  echo "$prog: error: $*" >&2
-  echo >&2
-  usage >&2
-  exit 2
-}
-
-# Shell-quotes its arguments, one line, so printed commands can be pasted.
-quote() {
-  local out=() a
-  for a in "$@"; do
-    if [[ $a =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      out+=("$a")
-    else
-      out+=("'${a//\'/\'\\\'\'}'")
-    fi
-  done
-  printf '%s\n' "${out[*]}"
-}
+# die_usage, quote, check_module_python_env (uses $prog and usage).
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 name=''
 zone=''
@@ -173,13 +157,7 @@ done
 [[ $remote_python =~ ^[A-Za-z0-9_./-]+$ ]] ||
   die_usage "--remote-python must be a command name or path, got" \
     "'$remote_python'"
-[[ $module =~ ^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$ ]] ||
-  die_usage "--module must be a python module name like dqvq.train," \
-    "got '$module'"
-for kv in ${extra_env[@]+"${extra_env[@]}"}; do
-  [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] ||
-    die_usage "--env takes NAME=VALUE, got '$kv'"
-done
+python=$remote_python check_module_python_env
 for a in ${args[@]+"${args[@]}"}; do
   case $a in
     --coordinator_address* | --num_processes* | --process_id*)
