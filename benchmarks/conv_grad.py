@@ -10,7 +10,7 @@ forward + input gradient + weight gradient is three passes.
 
   python benchmarks/conv_grad.py                 # the three standard cases
   python benchmarks/conv_grad.py --dtype bfloat16
-  python benchmarks/conv_grad.py --weight_grad_variants  # why row matmuls
+  python benchmarks/conv_grad.py --weight_grad_variants  # why stacked blocks
 
 The last line is machine-readable, for the 256x256x128 case:
   xla_gflops_per_s=... fast_gflops_per_s=... speedup=...
@@ -115,10 +115,11 @@ def run_case(batch: int, size: int, channels: int, dtype: jnp.dtype,
 
 
 # The implementations under test: per-tap matmuls (strided and explicitly
-# sharded convs) and per-row matmuls on column-shifted dy (stride 1).
+# sharded convs) and one matmul per block of rows on row-shifted x and
+# column-shifted dy (stride 1), also timed as one block (no loop).
 # pylint: disable=protected-access
 taps_weight_grad = fast_conv._weight_grad_taps
-rows_weight_grad = fast_conv._weight_grad_rows
+stacked_weight_grad = fast_conv._weight_grad_stacked
 # pylint: enable=protected-access
 
 
@@ -160,8 +161,10 @@ def run_weight_grad_variants(cases: Sequence[tuple[int, int, int]],
         'xla': lambda x, ct: jax.vjp(lambda w: xla_conv(x, w), w)[1](ct)[0],
         'taps': lambda x, ct: taps_weight_grad(x, ct, w.shape, (1, 1), PAD,
                                                None, w.dtype),
-        'rows': lambda x, ct: rows_weight_grad(x, ct, w.shape, PAD, None,
-                                               w.dtype),
+        'stacked': lambda x, ct: stacked_weight_grad(x, ct, w.shape, PAD,
+                                                     None, w.dtype),
+        'stacked_one_block': lambda x, ct: stacked_weight_grad(
+            x, ct, w.shape, PAD, None, w.dtype, block_rows=ct.shape[1]),
         'im2col': lambda x, ct: weight_grad_im2col(x, ct, w.shape),
         'batched_einsum': lambda x, ct: weight_grad_batched(x, ct, w.shape),
     }

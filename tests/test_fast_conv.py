@@ -8,6 +8,8 @@ runs in seconds.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 from jax import lax
@@ -109,6 +111,60 @@ def test_bfloat16_matches_float32_reference(name, hw, k, stride, padding):
     assert g.dtype == jnp.bfloat16, what
     scale = float(jnp.abs(r).max())
     _assert_close(g, r, rtol=2e-2, atol=2e-2 * scale)
+
+
+# Stride-1 cases whose weight gradient runs as blocks of output rows.
+STRIDE1_CASES = [c for c in CASES if c[3] == 1]
+
+
+@pytest.mark.parametrize('block_rows', [1, 2, 3])
+@pytest.mark.parametrize('name,hw,k,stride,padding', STRIDE1_CASES,
+                         ids=[c[0] for c in STRIDE1_CASES])
+def test_weight_grad_in_row_blocks_matches_xla(block_rows, name, hw, k, stride,
+                                               padding):
+  """The tiny cases fit one block by default; here the loop over blocks runs,
+  with one row per block and with blocks that leave a zero-padded last one
+  (e.g. 3 blocks of 3 rows for 8 or 7 output rows)."""
+  del name
+  x, w, dy = _data(hw, k, stride, padding, jnp.float32, cin=4, cout=3)
+  ref = _ref_vjp(x, w, dy, stride, padding)[2]
+  pads = fast_conv._normalize_padding(padding, x.shape, w.shape, (1, 1))  # pylint: disable=protected-access
+  weight_grad = functools.partial(
+      fast_conv._weight_grad_stacked, kernel_shape=w.shape, padding=pads,  # pylint: disable=protected-access
+      precision=None, dtype=w.dtype, block_rows=block_rows)
+  jaxpr = str(jax.make_jaxpr(weight_grad)(x, dy))
+  # fori_loop with static bounds traces as a scan.
+  assert ('scan' in jaxpr or 'while' in jaxpr) == (dy.shape[1] > block_rows)
+  _assert_close(jax.jit(weight_grad)(x, dy), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv2d_gradient_through_row_blocks(monkeypatch):
+  """conv2d's VJP takes its blocks from the byte budget (here: one row)."""
+  monkeypatch.setattr(fast_conv, 'WEIGHT_GRAD_BLOCK_BYTES', 1)
+  x, w, dy = _data((7, 5), 3, 1, ((1, 1), (1, 1)), jnp.float32)
+  ref = _ref_vjp(x, w, dy, 1, ((1, 1), (1, 1)))
+  # A fresh function: jax reuses traces of the same function and shapes,
+  # which other tests made with the default budget.
+  vjp = lambda x, w, dy: _fast_vjp(x, w, dy, 1, ((1, 1), (1, 1)))
+  assert 'scan' in str(jax.make_jaxpr(vjp)(x, w, dy))
+  got = jax.jit(vjp)(x, w, dy)
+  for g, r in zip(got, ref):
+    _assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('rows,bytes_per_row,budget,want', [
+    (256, 1000, 8000, 8),    # a divisor of the height fills the budget
+    (256, 1000, 7000, 4),    # largest divisor in budget (4 >= 7 / 2)
+    (61, 1000, 8000, 8),     # prime: 8 even blocks of 8 (3 zero rows)
+    (32, 1000, 10 ** 6, 32),  # everything fits: one block
+    (32, 10 ** 6, 1000, 1),   # not even one row fits: one row per block
+])
+def test_rows_per_block(monkeypatch, rows, bytes_per_row, budget, want):
+  monkeypatch.setattr(fast_conv, 'WEIGHT_GRAD_BLOCK_BYTES', budget)
+  got = fast_conv._rows_per_block(rows, bytes_per_row)  # pylint: disable=protected-access
+  assert got == want
+  blocks = -(-rows // got)
+  assert blocks * got - rows < blocks  # fewer zero rows than blocks
 
 
 def test_dispatch_follows_backend_env_and_override(monkeypatch):

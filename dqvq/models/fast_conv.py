@@ -11,14 +11,16 @@ The weight gradient of a convolution is, per kernel tap (i, j),
 
   dW[i, j] = sum_{b, h, w} x_pad[b, i + s*h, j + s*w, :]^T dy[b, h, w, :],
 
-i.e. one (Cin, B*Ho*Wo) @ (B*Ho*Wo, Cout) matrix product per tap on a strided
-slice of the padded input. XLA:CPU runs those matmuls at full speed, so
-`conv2d` below wraps the convolution in a `jax.custom_vjp` that keeps XLA's
-own forward and input gradient (both already fast and measured no slower than
-the alternatives) and computes the weight gradient tap by tap. One large
-im2col matmul and one batched einsum over stacked taps were also measured;
-both were slower than separate per-tap matmuls (they materialise a k*k times
-larger patch tensor), see benchmarks/conv_grad.py.
+i.e. a (Cin, B*Ho*Wo) @ (B*Ho*Wo, Cout) matrix product per tap on a strided
+slice of the padded input. XLA:CPU runs matmuls at full speed, so `conv2d`
+below wraps the convolution in a `jax.custom_vjp` that keeps XLA's own
+forward and input gradient (both already fast and measured no slower than
+the alternatives) and computes the weight gradient with matmuls: for stride
+1, every tap from one product of row-shifted x and column-shifted dy per
+block of output rows (`_weight_grad_stacked`); strided convs per tap. One
+large im2col matmul and one batched einsum over stacked taps were also
+measured; both were slower (they materialise a k*k times larger patch
+tensor), see benchmarks/conv_grad.py.
 
 Accelerators keep XLA's own gradient (`use_fast_conv_grad`): cuDNN and TPU
 convolutions compute weight gradients natively and fast.
@@ -152,45 +154,95 @@ def _weight_grad_taps(x: Array, dy: Array, kernel_shape: Sequence[int],
   return jnp.stack(taps).reshape(kh, kw, cin, cout).astype(dtype)
 
 
-def _weight_grad_rows(x: Array, dy: Array, kernel_shape: Sequence[int],
-                      padding: PadPairs, precision: Any, dtype: Any) -> Array:
-  """Stride-1 dW as one (Cin, N') @ (N', kw*Cout) matmul per kernel row.
+# Working set of one block of the stacked-shift weight gradient. XLA:CPU
+# materialises the shifted copies that feed its matmuls; at the DQ-VAE's
+# shapes whole-image copies are hundreds of MB, and this machine class copies
+# at ~5-10 GB/s, so building them first cost about as much as the matmuls.
+# Blocks of a few output rows, built and consumed while in cache, measured
+# 1.1-1.3x faster (benchmarks/conv_grad.py --weight_grad_variants).
+WEIGHT_GRAD_BLOCK_BYTES = 8 * 2 ** 20
+
+
+def _rows_per_block(rows: int, bytes_per_row: int) -> int:
+  """Output rows per block: within the budget, dividing `rows` if it can.
+
+  A divisor means no zero rows; when the largest divisor in budget is under
+  half of it (e.g. a prime row count), blocks are evened out instead, so the
+  last one is padded by fewer rows than there are blocks.
+  """
+  most = max(1, min(rows, WEIGHT_GRAD_BLOCK_BYTES // max(1, bytes_per_row)))
+  divisor = max(d for d in range(1, most + 1) if rows % d == 0)
+  if 2 * divisor >= most:
+    return divisor
+  return -(-rows // -(-rows // most))
+
+
+def _weight_grad_stacked(x: Array, dy: Array, kernel_shape: Sequence[int],
+                         padding: PadPairs, precision: Any, dtype: Any,
+                         block_rows: int | None = None) -> Array:
+  """Stride-1 dW as (kh*Cin, N) @ (N, kw*Cout) matmuls over blocks of rows.
 
   A per-tap matmul has a tiny (Cin, Cout) output and a huge contraction,
-  which XLA:CPU's matmul runs well below its square-matrix rate. Here the
-  kw column shifts of dy are stacked along its channel axis, placed on the
-  padded input's width: D[b, h, w', j*Cout + o] = dy[b, h, w' - j, o] (zero
-  outside). Then for kernel row i,
+  which XLA:CPU's matmul runs well below its square-matrix rate. Instead the
+  kh row shifts of the padded input are stacked along its channel axis,
+  X[b, h, w', i*Cin + c] = x_pad[b, h + i, w', c], and the kw column shifts
+  of dy, placed on the padded width, along its own:
+  D[b, h, w', j*Cout + o] = dy[b, h, w' - j, o] (zero outside). Then
 
-    dW[i, j, c, o] = sum_{b, h, w'} x_pad[b, h + i, w', c] D[b, h, w', j*Cout + o],
+    dW[i, j, c, o] = sum_{b, h, w'} X[b, h, w', i*Cin + c] D[b, h, w', j*Cout + o],
 
-  so one matmul per row, on a contiguous row block of x_pad, yields a whole
-  kernel row: kw times wider outputs, kh instead of kh*kw matmuls, for
-  kw copies of dy (not of x). 1.25-1.4x faster than per-tap matmuls at the
-  DQ-VAE's shapes (benchmarks/conv_variants.py --weight_grad).
+  every tap at once from one matmul with a (kh*Cin, kw*Cout) output and no
+  wasted products. The sum over h runs over blocks of `block_rows` output
+  rows (default: what fits WEIGHT_GRAD_BLOCK_BYTES) in a loop, so that each
+  block's stacked copies are built and consumed in cache; zero dy rows pad
+  the last block when the blocks do not tile the height (they add nothing).
+  Products accumulate in float32.
   """
   kh, kw, cin, cout = kernel_shape
-  b, ho, wo, _ = dy.shape
+  b, ho, _, _ = dy.shape
   zero = jnp.zeros((), x.dtype)
+  dzero = jnp.zeros((), dy.dtype)
   x_pad = lax.pad(x, zero, ((0, 0, 0), (*padding[0], 0), (*padding[1], 0),
                             (0, 0, 0)))
   wp = x_pad.shape[2]
-  if kw == 1:
-    stacked = dy
+  if block_rows is None:
+    block_rows = _rows_per_block(
+        ho, b * wp * (kh * cin + kw * cout) * x.dtype.itemsize)
+  rows = max(1, min(int(block_rows), ho))
+  num_blocks = -(-ho // rows)
+
+  def block(xs: Array, ds: Array) -> Array:
+    r = ds.shape[1]
+    stacked_x = xs if kh == 1 else jnp.stack(
+        [lax.slice_in_dim(xs, i, i + r, axis=1) for i in range(kh)], axis=3)
+    stacked_dy = ds if kw == 1 else jnp.stack(
+        [lax.pad(ds, dzero, ((0, 0, 0), (0, 0, 0), (j, kw - 1 - j, 0),
+                             (0, 0, 0))) for j in range(kw)], axis=3)
+    return lax.dot_general(
+        stacked_x.reshape(b * r * wp, kh * cin),
+        stacked_dy.reshape(b * r * wp, kw * cout), (((0,), (0,)), ((), ())),
+        precision=precision, preferred_element_type=jnp.float32)
+
+  if num_blocks == 1:
+    dw = block(x_pad, dy)
   else:
-    dzero = jnp.zeros((), dy.dtype)
-    stacked = jnp.concatenate(
-        [lax.pad(dy, dzero, ((0, 0, 0), (0, 0, 0), (j, kw - 1 - j, 0),
-                             (0, 0, 0))) for j in range(kw)], axis=-1)
-  stacked = stacked.reshape(b * ho * wp, kw * cout)
-  rows = []
-  for i in range(kh):
-    window = lax.slice_in_dim(x_pad, i, i + ho, axis=1)
-    rows.append(lax.dot_general(
-        window.reshape(b * ho * wp, cin), stacked, (((0,), (0,)), ((), ())),
-        precision=precision, preferred_element_type=jnp.float32))
-  # rows[i][c, j*Cout + o] = dW[i, j, c, o].
-  dw = jnp.stack(rows).reshape(kh, cin, kw, cout).transpose(0, 2, 1, 3)
+    extra = num_blocks * rows - ho
+    if extra:
+      dy = lax.pad(dy, dzero, ((0, 0, 0), (0, extra, 0), (0, 0, 0),
+                               (0, 0, 0)))
+      x_pad = lax.pad(x_pad, zero, ((0, 0, 0), (0, extra, 0), (0, 0, 0),
+                                    (0, 0, 0)))
+
+    def body(index, acc):
+      start = index * rows
+      xs = lax.dynamic_slice_in_dim(x_pad, start, rows + kh - 1, axis=1)
+      ds = lax.dynamic_slice_in_dim(dy, start, rows, axis=1)
+      return acc + block(xs, ds)
+
+    dw = lax.fori_loop(0, num_blocks, body,
+                       jnp.zeros((kh * cin, kw * cout), jnp.float32))
+  # dw[i*Cin + c, j*Cout + o] = dW[i, j, c, o].
+  dw = dw.reshape(kh, cin, kw, cout).transpose(0, 2, 1, 3)
   return dw.astype(dtype)
 
 
@@ -268,8 +320,8 @@ def _fast_conv_bwd(strides, padding, precision, residuals, dy):
   kernel_sharding = jax.typeof(kernel).sharding
   if (strides == (1, 1) and
       _weight_grad_sharding(x, kernel_sharding) is None):
-    dw = _weight_grad_rows(x, dy, kernel.shape, padding, precision,
-                           kernel.dtype)
+    dw = _weight_grad_stacked(x, dy, kernel.shape, padding, precision,
+                              kernel.dtype)
   else:
     # Strided convs, and explicitly sharded ones (per-tap (Cin, Cout) outputs
     # take the kernel's own sharding), keep per-tap matmuls.
