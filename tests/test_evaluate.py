@@ -91,7 +91,10 @@ def test_low_rank_sqrtm_matches_scipy():
   a = np.cov(f1, rowvar=False) @ np.cov(f2, rowvar=False)
   want = scipy.linalg.sqrtm(a)
   got = _low_rank_sqrtm(a)
-  np.testing.assert_allclose(np.trace(got), np.trace(want).real, rtol=1e-6)
+  # SciPy's Schur sqrtm is itself only accurate to ~1e-6 relative on this
+  # rank-deficient product (1.03e-6 seen on an AVX-512 machine); the square
+  # check below is the tight one.
+  np.testing.assert_allclose(np.trace(got), np.trace(want).real, rtol=1e-5)
   np.testing.assert_allclose(got @ got, a, atol=1e-8)
 
 
