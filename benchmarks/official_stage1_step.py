@@ -1,6 +1,7 @@
 r"""Throughput of the official PyTorch stage-1 step, for side-by-side ratios.
 
-Runs the authors' own DualGrainVQModel (CrossmodalGroup/DynamicVectorQuantization,
+Runs the authors' own DualGrainVQModel
+(CrossmodalGroup/DynamicVectorQuantization,
 `configs/stage1/dqvae-dual-r-05_imagenet.yml`: dual-grain feature router,
 LPIPS, PatchGAN, adaptive weight, budget loss, EMA codebook) through the step
 that PyTorch Lightning 1.5's automatic optimisation runs for one batch with
@@ -9,10 +10,10 @@ run the full forward (the official code runs it once per optimizer), the
 loss for that optimizer index, backward, Adam step, scheduler step.
 
 Nothing of the official code is part of this project: point `--official_repo`
-at a checkout of it, and run this file with a Python that has torch,
-einops, omegaconf, requests, tqdm and pytorch-lightning (any 1.x/2.x; only
-`LightningModule` is used, no Trainer), and torchvision if it installs beside
-that torch (otherwise VGG16's layer list is rebuilt here):
+at a checkout of it, and run this file with a Python that has torch, einops,
+omegaconf, requests, tqdm, pillow and pytorch-lightning (only its
+`LightningModule` is used, no Trainer; run with 2.6), and torchvision if one
+installs beside that torch (otherwise VGG16's layer list is rebuilt here):
 
   /path/to/torch-venv/bin/python benchmarks/official_stage1_step.py \
       --official_repo /path/to/DynamicVectorQuantization --batch 2
@@ -97,7 +98,8 @@ def _load_official(repo: str, resolution: int):
   except ImportError:
     _install_vgg16_stand_in()
   from omegaconf import OmegaConf  # pylint: disable=g-import-not-at-top
-  from utils.utils import instantiate_from_config  # pylint: disable=g-import-not-at-top,import-error
+  # pylint: disable-next=g-import-not-at-top,import-error
+  from utils.utils import instantiate_from_config
   config = OmegaConf.load('configs/stage1/dqvae-dual-r-05_imagenet.yml')
   params = config.model.params
   for key in ('encoderconfig', 'decoderconfig'):
@@ -183,8 +185,9 @@ def main() -> None:
   print(f'median step {median:.2f} s (official PyTorch {torch.__version__}, '
         f'batch {args.batch}, {args.resolution} px, fp32, '
         f'{torch.get_num_threads()} threads)')
+  peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(f'images_per_s={args.batch / median:.4f} s_per_step={median:.2f} '
-        f'peak_mem_mb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}')
+        f'peak_mem_mb={peak_mb:.0f}')
 
 
 if __name__ == '__main__':

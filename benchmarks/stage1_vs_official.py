@@ -1,4 +1,4 @@
-r"""Stage-1 step throughput: this project's JAX step against the official PyTorch.
+r"""Stage-1 step throughput: our JAX step against the official PyTorch one.
 
 This machine is shared and noisy, so a ratio is only worth what its two
 figures' conditions share: this script measures both in one run, in

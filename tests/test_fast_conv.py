@@ -128,10 +128,12 @@ def test_weight_grad_in_row_blocks_matches_xla(block_rows, name, hw, k, stride,
   del name
   x, w, dy = _data(hw, k, stride, padding, jnp.float32, cin=4, cout=3)
   ref = _ref_vjp(x, w, dy, stride, padding)[2]
-  pads = fast_conv._normalize_padding(padding, x.shape, w.shape, (1, 1))  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  pads = fast_conv._normalize_padding(padding, x.shape, w.shape, (1, 1))
   weight_grad = functools.partial(
-      fast_conv._weight_grad_stacked, kernel_shape=w.shape, padding=pads,  # pylint: disable=protected-access
+      fast_conv._weight_grad_stacked, kernel_shape=w.shape, padding=pads,
       precision=None, dtype=w.dtype, block_rows=block_rows)
+  # pylint: enable=protected-access
   jaxpr = str(jax.make_jaxpr(weight_grad)(x, dy))
   # fori_loop with static bounds traces as a scan.
   assert ('scan' in jaxpr or 'while' in jaxpr) == (dy.shape[1] > block_rows)
@@ -161,7 +163,8 @@ def test_conv2d_gradient_through_row_blocks(monkeypatch):
 ])
 def test_rows_per_block(monkeypatch, rows, bytes_per_row, budget, want):
   monkeypatch.setattr(fast_conv, 'WEIGHT_GRAD_BLOCK_BYTES', budget)
-  got = fast_conv._rows_per_block(rows, bytes_per_row)  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  got = fast_conv._rows_per_block(rows, bytes_per_row)
   assert got == want
   blocks = -(-rows // got)
   assert blocks * got - rows < blocks  # fewer zero rows than blocks

@@ -189,7 +189,7 @@ def _weight_grad_stacked(x: Array, dy: Array, kernel_shape: Sequence[int],
   of dy, placed on the padded width, along its own:
   D[b, h, w', j*Cout + o] = dy[b, h, w' - j, o] (zero outside). Then
 
-    dW[i, j, c, o] = sum_{b, h, w'} X[b, h, w', i*Cin + c] D[b, h, w', j*Cout + o],
+    dW[i,j,c,o] = sum_{b,h,w'} X[b, h, w', i*Cin + c] D[b, h, w', j*Cout + o],
 
   every tap at once from one matmul with a (kh*Cin, kw*Cout) output and no
   wasted products. The sum over h runs over blocks of `block_rows` output
