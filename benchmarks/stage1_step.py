@@ -36,6 +36,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-posi
 from dqvq import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dqvq.models import fast_conv  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dqvq.trainers import stage1  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import stage1_profile  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 VARIANT_ARGS = {'feature_dual': '', 'entropy_dual': 'entropy',
                 'triple': 'triple'}
@@ -46,26 +47,6 @@ def peak_memory_mb() -> float:
   if 'peak_bytes_in_use' in stats:
     return stats['peak_bytes_in_use'] / 2 ** 20
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def step_flops(models, state, batch, lpips) -> float:
-  """FLOPs of the step as XLA counts them, with no loop hiding any.
-
-  The CPU weight gradient loops over blocks of rows and cost analysis counts
-  a loop body once, so this compiles the same step with one block per
-  convolution (the same products) and reads its count.
-  """
-  budget = fast_conv.WEIGHT_GRAD_BLOCK_BYTES
-  fast_conv.WEIGHT_GRAD_BLOCK_BYTES = 2 ** 62
-  try:
-    # A fresh partial: jax would reuse the blocked step's trace.
-    compiled = jax.jit(functools.partial(stage1.train_step, models)).lower(
-        state, batch, lpips).compile()
-  finally:
-    fast_conv.WEIGHT_GRAD_BLOCK_BYTES = budget
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get('flops', 0.0))
 
 
 def main() -> None:
@@ -101,7 +82,11 @@ def main() -> None:
   t0 = time.perf_counter()
   compiled = step.lower(state, batch, lpips).compile()
   print(f'compile: {time.perf_counter() - t0:.1f} s', flush=True)
-  flops = 0.0 if args.no_flops else step_flops(models, state, batch, lpips)
+  flops = 0.0
+  if not args.no_flops:
+    with fast_conv.whole_image_weight_grads():
+      flops = stage1_profile.flops_of(
+          functools.partial(stage1.train_step, models), state, batch, lpips)
 
   state, metrics = compiled(state, batch, lpips)  # warm-up
   jax.block_until_ready(metrics)

@@ -33,6 +33,7 @@ plain NHWC/HWIO convolutions to `conv2d` and everything else to lax.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Any, Sequence
@@ -165,6 +166,23 @@ def _weight_grad_taps(x: Array, dy: Array, kernel_shape: Sequence[int],
 WEIGHT_GRAD_BLOCK_BYTES = 8 * 2 ** 20
 
 
+@contextlib.contextmanager
+def whole_image_weight_grads():
+  """Traces inside use one block per weight gradient: the same products, no loop.
+
+  XLA's cost analysis counts a loop body once, so a blocked program's FLOP
+  count is too low; read counts from a program traced in here. Use a fresh
+  function object inside: jax reuses traces of one it has seen.
+  """
+  global WEIGHT_GRAD_BLOCK_BYTES
+  budget = WEIGHT_GRAD_BLOCK_BYTES
+  WEIGHT_GRAD_BLOCK_BYTES = 2 ** 62
+  try:
+    yield
+  finally:
+    WEIGHT_GRAD_BLOCK_BYTES = budget
+
+
 def _rows_per_block(rows: int, bytes_per_row: int) -> int:
   """Output rows per block: within the budget, dividing `rows` if it can.
 
@@ -202,16 +220,18 @@ def _weight_grad_stacked(x: Array, dy: Array, kernel_shape: Sequence[int],
   """
   kh, kw, cin, cout = kernel_shape
   b, ho, _, _ = dy.shape
-  zero = jnp.zeros((), x.dtype)
-  dzero = jnp.zeros((), dy.dtype)
-  x_pad = lax.pad(x, zero, ((0, 0, 0), (*padding[0], 0), (*padding[1], 0),
-                            (0, 0, 0)))
-  wp = x_pad.shape[2]
+  (top, bottom), (left, right) = padding
+  wp = x.shape[2] + left + right
   if block_rows is None:
     block_rows = _rows_per_block(
         ho, b * wp * (kh * cin + kw * cout) * x.dtype.itemsize)
   rows = max(1, min(int(block_rows), ho))
   num_blocks = -(-ho // rows)
+  extra = num_blocks * rows - ho  # zero rows completing the last block
+  zero = jnp.zeros((), x.dtype)
+  dzero = jnp.zeros((), dy.dtype)
+  x_pad = lax.pad(x, zero, ((0, 0, 0), (top, bottom + extra, 0),
+                            (left, right, 0), (0, 0, 0)))
 
   def block(xs: Array, ds: Array) -> Array:
     r = ds.shape[1]
@@ -228,12 +248,9 @@ def _weight_grad_stacked(x: Array, dy: Array, kernel_shape: Sequence[int],
   if num_blocks == 1:
     dw = block(x_pad, dy)
   else:
-    extra = num_blocks * rows - ho
     if extra:
       dy = lax.pad(dy, dzero, ((0, 0, 0), (0, extra, 0), (0, 0, 0),
                                (0, 0, 0)))
-      x_pad = lax.pad(x_pad, zero, ((0, 0, 0), (0, extra, 0), (0, 0, 0),
-                                    (0, 0, 0)))
 
     def body(index, acc):
       start = index * rows
