@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from dqvq import distributed
 from dqvq.models import fast_conv
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -188,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--weight_grad_variants', action='store_true',
                       help='also time the weight gradient alone, per variant')
   args = parser.parse_args(argv)
+  # XLA:CPU as dqvq's entry points set it up (dqvq.distributed).
+  distributed.apply_cpu_defaults()
   dtype = jnp.dtype(args.dtype)
   print(f'backend={jax.default_backend()} devices={jax.device_count()} '
         f'dtype={args.dtype} repeats={args.repeats} (median)', flush=True)

@@ -35,6 +35,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from dqvq import distributed
 from dqvq.models import decoder as decoder_lib
 from dqvq.models import discriminator as disc_lib
 from dqvq.models import encoder as encoder_lib
@@ -219,6 +220,8 @@ def main() -> None:
   p.add_argument('--repeats', type=int, default=3)
   p.add_argument('--conv_passes', default='all', choices=['all', 'fwd', 'bwd'])
   args = p.parse_args()
+  # XLA:CPU as dqvq's entry points set it up (dqvq.distributed).
+  distributed.apply_cpu_defaults()
   if 'models' in args.part:
     profile_models(args.batch, args.resolution, args.repeats)
   if 'convs' in args.part:

@@ -34,6 +34,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from dqvq import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dqvq import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dqvq.models import fast_conv  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dqvq.trainers import stage1  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import stage1_profile  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -59,6 +60,8 @@ def main() -> None:
   p.add_argument('--no_flops', action='store_true',
                  help='skip the second compile that counts FLOPs')
   args = p.parse_args()
+  # XLA:CPU as dqvq's entry points set it up (dqvq.distributed).
+  distributed.apply_cpu_defaults()
 
   config = config_lib.stage1_config(VARIANT_ARGS[args.variant])
   config.batch_size = args.batch
