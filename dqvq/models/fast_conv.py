@@ -70,7 +70,9 @@ def use_fast_conv_grad() -> bool:
   """Whether `conv2d` should use the tap-matmul weight gradient.
 
   Only on the CPU backend: there the weight gradient runs 2.4-7x faster than
-  XLA's own (a 3x3 conv's forward+backward 1.6-4x, benchmarks/conv_grad.py). GPUs/TPUs have native weight-gradient kernels that the custom VJP
+  XLA's own (a 3x3 conv's forward+backward 1.6-4x, benchmarks/conv_grad.py)
+  with jaxlib's default YNNPACK convolutions, and ~1.1x with the Eigen
+  convolutions that dqvq's entry points select (dqvq.distributed). GPUs/TPUs have native weight-gradient kernels that the custom VJP
   would only slow down. `DQVQ_FAST_CONV=0` turns it off everywhere (e.g. to
   rule it out when debugging), and `set_fast_conv_grad` overrides both.
   """
