@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from dqvq import distributed
+from dqvq import host_allocator
 from dqvq.models import fast_conv
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -214,4 +215,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
+  host_allocator.reexec_with_huge_pages()
   main()

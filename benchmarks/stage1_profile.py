@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dqvq import distributed
+from dqvq import host_allocator
 from dqvq.models import decoder as decoder_lib
 from dqvq.models import discriminator as disc_lib
 from dqvq.models import encoder as encoder_lib
@@ -231,4 +232,5 @@ def main() -> None:
 
 
 if __name__ == '__main__':
+  host_allocator.reexec_with_huge_pages()
   main()

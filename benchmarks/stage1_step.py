@@ -35,6 +35,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-posi
 
 from dqvq import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dqvq import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dqvq import host_allocator  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dqvq.models import fast_conv  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dqvq.trainers import stage1  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import stage1_profile  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -110,4 +111,5 @@ def main() -> None:
 
 
 if __name__ == '__main__':
+  host_allocator.reexec_with_huge_pages()
   main()

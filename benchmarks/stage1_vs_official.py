@@ -12,7 +12,10 @@ each round's ratio and the ratio of the medians.
 
 Ours is `benchmarks/stage1_step.py` under this interpreter; the official step
 is `benchmarks/official_stage1_step.py` under `--torch_python` (see its
-docstring for what that interpreter needs). The last line:
+docstring for what that interpreter needs). Ours restarts itself with glibc's
+huge-page malloc setting, as every dqvq entry point does
+(dqvq/host_allocator.py); the official runs as its users start it, unless
+`--official_huge_pages` gives it the same setting. The last line:
   ours_images_per_s=... official_images_per_s=... ratio=...
 """
 
@@ -26,12 +29,16 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from dqvq import host_allocator  # pylint: disable=g-import-not-at-top,wrong-import-position
 _FIGURE = re.compile(r'images_per_s=([0-9.]+)')
 
 
-def run_one(command: list[str]) -> float:
+def run_one(command: list[str], env: dict[str, str] | None = None) -> float:
   """Runs one benchmark process; returns the images/s of its last line."""
-  result = subprocess.run(command, capture_output=True, text=True, check=False)
+  result = subprocess.run(command, capture_output=True, text=True, check=False,
+                          env=env)
   lines = result.stdout.strip().splitlines()
   match = _FIGURE.search(lines[-1]) if lines else None
   if result.returncode or not match:
@@ -55,6 +62,10 @@ def main() -> None:
   p.add_argument('--resolution', type=int, default=256)
   p.add_argument('--steps', type=int, default=3,
                  help='timed steps per process (after one warm-up step)')
+  p.add_argument('--official_huge_pages', action='store_true',
+                 help='also give the official process glibc.malloc.hugetlb=1 '
+                 '(ours restarts itself with it, see dqvq.host_allocator): '
+                 'what PyTorch gains from the same allocator setting')
   args = p.parse_args()
   if not os.access(args.torch_python, os.X_OK):
     raise SystemExit(f'--torch_python {args.torch_python} is not an '
@@ -66,12 +77,18 @@ def main() -> None:
   official_cmd = [args.torch_python,
                   os.path.join(HERE, 'official_stage1_step.py'),
                   '--official_repo', args.official_repo, *shape]
+  official_env = None
+  if args.official_huge_pages:
+    tunables = host_allocator.with_huge_pages(
+        os.environ.get('GLIBC_TUNABLES', ''))
+    official_env = {**os.environ, 'GLIBC_TUNABLES': tunables or
+                    os.environ['GLIBC_TUNABLES']}
   ours, official = [], []
   for r in range(args.rounds):
     print(f'round {r}: ours (JAX)', flush=True)
     ours.append(run_one(ours_cmd))
     print(f'round {r}: official (PyTorch)', flush=True)
-    official.append(run_one(official_cmd))
+    official.append(run_one(official_cmd, official_env))
     print(f'round {r}: ours {ours[-1]:.4f} images/s, official '
           f'{official[-1]:.4f} images/s, ratio {ours[-1] / official[-1]:.2f}',
           flush=True)

@@ -41,6 +41,7 @@ import tqdm
 from dqvq import bundle as bundle_lib
 from dqvq import checkpoint as ckpt_lib
 from dqvq import distributed
+from dqvq import host_allocator
 from dqvq import metrics as metrics_lib
 from dqvq import sample
 from dqvq import sampling
@@ -367,5 +368,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+  host_allocator.reexec_with_huge_pages()
   define_flags()
   app.run(main)

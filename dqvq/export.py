@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from dqvq import checkpoint as ckpt_lib
 from dqvq import generator as generator_lib
+from dqvq import host_allocator
 from dqvq import sampling
 from dqvq import tokenizer as tokenizer_lib
 
@@ -174,5 +175,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+  host_allocator.reexec_with_huge_pages()
   define_flags()
   app.run(main)

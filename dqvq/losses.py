@@ -11,7 +11,7 @@ last layer). Numerics follow the official `vqperceptual_multidisc.py` and
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -81,23 +81,26 @@ def adaptive_weight(nll_grad: Array, g_grad: Array, disc_weight: float = 1.0,
   return jax.lax.stop_gradient(weight)
 
 
-def adaptive_gan_weight(x_hat: Array, last_layer_input: Array,
-                        nll_fn: Callable[[Array], Array],
-                        g_fn: Callable[[Array], Array],
-                        disc_weight: float = 1.0,
+def adaptive_gan_weight(last_layer_input: Array, nll_grad: Array,
+                        g_grad: Array, disc_weight: float = 1.0,
                         max_weight: float | None = 0.75) -> Array:
   """The adaptive weight from gradients at the decoder's conv_out kernel.
 
+  Takes the two losses' gradients w.r.t. the reconstruction (conv_out's
+  output) rather than the losses themselves: the generator update needs
+  exactly those cotangents to backpropagate through the decoder, so the
+  step computes each once (one LPIPS and one discriminator backward) and
+  hands them to both this weight and the decoder's VJP.
+
   Args:
-    x_hat: the reconstruction (conv_out's output).
     last_layer_input: conv_out's input (see `Decoder`).
-    nll_fn, g_fn: x_hat -> reconstruction loss / generator GAN loss.
+    nll_grad, g_grad: d loss / d x_hat of the reconstruction loss and of
+      the generator's GAN loss.
   """
-  x_hat = jax.lax.stop_gradient(x_hat)
   feats = jax.lax.stop_gradient(last_layer_input)
-  nll_grad = conv_kernel_grad(feats, jax.grad(nll_fn)(x_hat))
-  g_grad = conv_kernel_grad(feats, jax.grad(g_fn)(x_hat))
-  return adaptive_weight(nll_grad, g_grad, disc_weight, max_weight)
+  return adaptive_weight(conv_kernel_grad(feats, nll_grad),
+                         conv_kernel_grad(feats, g_grad), disc_weight,
+                         max_weight)
 
 
 def budget_loss_official(gate: Array, grain_factors: Sequence[int],

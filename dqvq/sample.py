@@ -30,6 +30,7 @@ import tqdm
 
 from dqvq import distributed
 from dqvq import generator as generator_lib
+from dqvq import host_allocator
 from dqvq import sampling
 from dqvq import visualize
 
@@ -144,5 +145,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+  host_allocator.reexec_with_huge_pages()
   define_flags()
   app.run(main)

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from dqvq import host_allocator
 from dqvq import tokenizer as tokenizer_lib
 from dqvq.data import tokens as tokens_lib
 
@@ -92,4 +93,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == '__main__':
+  host_allocator.reexec_with_huge_pages()
   main(sys.argv[1:])

@@ -17,6 +17,7 @@ import jax
 from ml_collections import config_flags
 
 from dqvq import distributed
+from dqvq import host_allocator
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/demo.py or configs/x.py:runlocal.',
@@ -73,4 +74,5 @@ def run(config, workdir: str) -> None:
 
 
 if __name__ == '__main__':
+  host_allocator.reexec_with_huge_pages()
   app.run(main)

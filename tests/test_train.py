@@ -14,9 +14,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from dqvq import config_lib
+from dqvq import losses
 from dqvq import sharding
 from dqvq.trainers import loop
 from dqvq.trainers import stage1
@@ -137,6 +139,66 @@ def test_sharded_step_equals_single_device(demo_data_dir):
                   jax.tree.leaves(drop_key(eight))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4,
                                atol=2e-5)
+
+
+def test_generator_update_is_the_gradient_of_the_total_loss(demo_data_dir):
+  """The step's hand-assembled VJP equals jax.grad of the whole loss.
+
+  The reference below is the loss written out plainly (nll + lambda * g + L_q
+  + L_budget, lambda held constant), which runs LPIPS and the discriminator
+  twice; the step must reach the same loss, weight and gradient norm.
+  """
+  c = tiny(demo_data_dir, 'ffhq_stage1')
+  c.loss.disc_weight_max = None  # An unclamped weight shows any error in it.
+  c.loss.perceptual_weight, c.lpips_weights = 1.0, 'random'
+  models = stage1.build_models(c)
+  assert models.disc is not None and models.lpips is not None
+  res = c.data.resolution
+  state = jax.jit(functools.partial(stage1.init_state, models,
+                                    image_shape=(1, res, res, 3)))(
+                                        jax.random.key(0))
+  lpips = stage1.lpips_params_for(c)
+  x = jax.random.uniform(jax.random.key(1), (2, res, res, 3), minval=-1,
+                         maxval=1)
+  batch = {'image': x, 'label': jnp.zeros((2,), jnp.int32),
+           'mask': jnp.ones((2,), bool)}
+  _, metrics = jax.jit(functools.partial(stage1.train_step, models))(
+      state, batch, lpips)
+
+  rngs = stage1._rngs(state)  # pylint: disable=protected-access
+  vae = models.vae
+
+  def nll_fn(y):
+    p = models.lpips.apply({'params': lpips}, x, y)
+    return losses.l1_loss(x, y) + c.loss.perceptual_weight * jnp.mean(p)
+
+  def g_fn(y):
+    logits, _ = models.disc.apply(
+        {'params': state.disc_params, 'batch_stats': state.disc_batch_stats},
+        y, train=True, mutable=['batch_stats'])
+    return losses.hinge_g_loss(logits.astype(jnp.float32))
+
+  def total(params):
+    out, _ = vae.apply({'params': params, 'codebook': state.codebook}, x,
+                       train=True, rngs=rngs, mutable=['codebook'])
+    y = out['reconstruction']
+    weight = losses.adaptive_gan_weight(
+        out['decoder_features'], jax.grad(nll_fn)(y), jax.grad(g_fn)(y),
+        c.loss.disc_weight, None)
+    budget = losses.budget_loss(out['gate'], vae.grain_factors,
+                                vae.grain_ratios, c.loss.budget_kind,
+                                c.loss.budget_weight)
+    loss = (nll_fn(y) + c.loss.codebook_weight * out['q_loss'] + budget +
+            weight * g_fn(y))
+    return loss, weight
+
+  (loss, weight), grads = jax.jit(jax.value_and_grad(total, has_aux=True))(
+      state.params)
+  np.testing.assert_allclose(metrics['loss'], loss, rtol=1e-5)
+  np.testing.assert_allclose(metrics['adaptive_weight'], weight, rtol=1e-5)
+  assert float(weight) > 0
+  np.testing.assert_allclose(metrics['grad_norm'], optax.global_norm(grads),
+                             rtol=1e-4)
 
 
 @pytest.mark.parametrize('field,value,exc,match', [

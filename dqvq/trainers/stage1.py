@@ -140,40 +140,49 @@ def train_step(models: Stage1Models, state: Stage1State,
         mutable=['batch_stats'])
     return logits.astype(jnp.float32), new['batch_stats']
 
-  def generator_loss(params):
+  def vae_forward(params):
+    """x_hat and the loss terms that do not go through it (L_q, budget)."""
     out, new_vars = models.vae.apply(
         {'params': params, 'codebook': state.codebook}, x, train=True,
         rngs=rngs, mutable=['codebook'])
-    x_hat = out['reconstruction']
-    nll = rec_loss(x_hat)
-    total = nll + cfg.loss.codebook_weight * out['q_loss']
     budget = losses.budget_loss(
         out['gate'], models.vae.grain_factors, models.vae.grain_ratios,
         cfg.loss.budget_kind if models.vae.router == 'feature' else 'none',
         cfg.loss.budget_weight)
-    total = total + budget
-    metrics = {'rec_loss': nll, 'l1_loss': losses.l1_loss(x, x_hat),
-               'q_loss': out['q_loss'], 'budget_loss': budget,
-               'commitment_loss': out['commitment_loss'],
-               'codebook_usage': out['codebook_usage'],
-               'perplexity': out['perplexity'],
-               'code_length': jnp.mean(out['code_length'].astype(jnp.float32))}
-    for k in range(1, models.vae.num_grains):
-      metrics[f'ratio_grain{k}'] = jnp.mean(out['gate'][..., k])
-    if gan:
-      g_fn = lambda y: losses.hinge_g_loss(
-          disc_logits(state.disc_params, state.disc_batch_stats, y)[0])
-      g = g_fn(x_hat)
-      weight = losses.adaptive_gan_weight(
-          x_hat, out['decoder_features'], rec_loss, g_fn,
-          cfg.loss.disc_weight, cfg.loss.disc_weight_max)
-      total = total + weight * factor * g
-      metrics.update(g_loss=g, adaptive_weight=weight)
-    metrics['loss'] = total
-    return total, (metrics, new_vars['codebook'], x_hat)
+    own = cfg.loss.codebook_weight * out['q_loss'] + budget
+    aux = {k: out[k] for k in ('q_loss', 'commitment_loss', 'codebook_usage',
+                               'perplexity', 'code_length', 'gate',
+                               'decoder_features')}
+    return (out['reconstruction'], own), (aux, budget, new_vars['codebook'])
 
-  grads, (metrics, codebook, x_hat) = jax.grad(
-      generator_loss, has_aux=True)(state.params)
+  # The generator loss is nll(x_hat) + lambda_adv * g(x_hat) + own, lambda_adv
+  # held constant. Its gradient is taken as a VJP with the cotangent of x_hat
+  # assembled by hand: the adaptive weight needs d nll / d x_hat and
+  # d g / d x_hat anyway, so LPIPS and the discriminator each run one forward
+  # and one backward (a plain jax.grad of the total would repeat both).
+  (x_hat, own), vae_vjp, (out, budget, codebook) = jax.vjp(
+      vae_forward, state.params, has_aux=True)
+  nll, x_cot = jax.value_and_grad(rec_loss)(x_hat)
+  total = nll + own
+  metrics = {'rec_loss': nll, 'l1_loss': losses.l1_loss(x, x_hat),
+             'q_loss': out['q_loss'], 'budget_loss': budget,
+             'commitment_loss': out['commitment_loss'],
+             'codebook_usage': out['codebook_usage'],
+             'perplexity': out['perplexity'],
+             'code_length': jnp.mean(out['code_length'].astype(jnp.float32))}
+  for k in range(1, models.vae.num_grains):
+    metrics[f'ratio_grain{k}'] = jnp.mean(out['gate'][..., k])
+  if gan:
+    g, g_cot = jax.value_and_grad(lambda y: losses.hinge_g_loss(
+        disc_logits(state.disc_params, state.disc_batch_stats, y)[0]))(x_hat)
+    weight = losses.adaptive_gan_weight(
+        out['decoder_features'], x_cot, g_cot, cfg.loss.disc_weight,
+        cfg.loss.disc_weight_max)
+    x_cot = x_cot + (weight * factor).astype(g_cot.dtype) * g_cot
+    total = total + weight * factor * g
+    metrics.update(g_loss=g, adaptive_weight=weight)
+  metrics['loss'] = total
+  (grads,) = vae_vjp((x_cot, jnp.ones_like(own)))
   updates, opt_state = models.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics['grad_norm'] = optax.global_norm(grads)
