@@ -117,8 +117,8 @@ def run_case(batch: int, size: int, channels: int, dtype: jnp.dtype,
 
 
 # The implementations under test: per-tap matmuls (strided and explicitly
-# sharded convs) and one matmul per block of rows on row-shifted x and
-# column-shifted dy (stride 1), also timed as one block (no loop).
+# sharded convs) and, per block of rows, one matmul per kernel row on x's
+# rows and column-shifted dy (stride 1), also timed as one block (no loop).
 # pylint: disable=protected-access
 taps_weight_grad = fast_conv._weight_grad_taps
 stacked_weight_grad = fast_conv._weight_grad_stacked
@@ -153,6 +153,33 @@ def weight_grad_batched(x, ct, w_shape):
   return dw.reshape(w_shape)
 
 
+def weight_grad_stacked_x_and_dy(x, ct, w_shape):
+  """All taps as one (kh*Cin, N) @ (N, kw*Cout) matmul, in blocks of rows.
+
+  Session 5's form: x's kh row shifts stacked on channels as well as dy's
+  kw column shifts; one bigger product, but two stacked copies per block.
+  """
+  kh, kw, cin, cout = w_shape
+  b, ho, wo, _ = ct.shape
+  xp = jnp.pad(x, ((0, 0), *PAD, (0, 0)))
+  wp = xp.shape[2]
+  rows = next(r for r in (4, 2, 1) if ho % r == 0)
+
+  def body(index, acc):
+    xs = lax.dynamic_slice_in_dim(xp, index * rows, rows + kh - 1, axis=1)
+    ds = lax.dynamic_slice_in_dim(ct, index * rows, rows, axis=1)
+    sx = jnp.concatenate([xs[:, i:i + rows] for i in range(kh)], axis=3)
+    sd = jnp.concatenate([jnp.pad(ds, ((0, 0), (0, 0), (j, wp - wo - j),
+                                       (0, 0))) for j in range(kw)], axis=3)
+    return acc + lax.dot_general(
+        sx.reshape(-1, kh * cin), sd.reshape(-1, kw * cout),
+        (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+  dw = lax.fori_loop(0, ho // rows, body,
+                     jnp.zeros((kh * cin, kw * cout), jnp.float32))
+  return dw.reshape(kh, cin, kw, cout).transpose(0, 2, 1, 3)
+
+
 def run_weight_grad_variants(cases: Sequence[tuple[int, int, int]],
                              dtype: jnp.dtype, warmup: int,
                              repeats: int) -> None:
@@ -167,6 +194,8 @@ def run_weight_grad_variants(cases: Sequence[tuple[int, int, int]],
                                                      None, w.dtype),
         'stacked_one_block': lambda x, ct: stacked_weight_grad(
             x, ct, w.shape, PAD, None, w.dtype, block_rows=ct.shape[1]),
+        'stacked_x_and_dy': lambda x, ct: weight_grad_stacked_x_and_dy(
+            x, ct, w.shape),
         'im2col': lambda x, ct: weight_grad_im2col(x, ct, w.shape),
         'batched_einsum': lambda x, ct: weight_grad_batched(x, ct, w.shape),
     }

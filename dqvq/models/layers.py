@@ -197,12 +197,17 @@ class AttnBlock(nn.Module):
   def __call__(self, x: Array) -> Array:
     b, h, w, c = x.shape
     hn = GroupNorm(name='norm', dtype=self.dtype)(x)
-    q = Dense(c, name='q', dtype=self.dtype)(hn).reshape(b, h * w, 1, c)
-    k = Dense(c, name='k', dtype=self.dtype)(hn).reshape(b, h * w, 1, c)
-    v = Dense(c, name='v', dtype=self.dtype)(hn).reshape(b, h * w, 1, c)
-    # jax.nn.dot_product_attention scales by 1/sqrt(c), as the official code.
-    out = jax.nn.dot_product_attention(q, k, v).reshape(b, h, w, c)
-    return x + Dense(c, name='proj_out', dtype=self.dtype)(out)
+    q, k, v = (Dense(c, name=n, dtype=self.dtype)(hn).reshape(b, h * w, c)
+               for n in ('q', 'k', 'v'))
+    # Written out rather than jax.nn.dot_product_attention: its (B, T, N, H)
+    # layout puts the softmax gradient's sum on a non-minor axis, which
+    # XLA:CPU reduces slowly (fwd+bwd at 2x1024 tokens x 512: 118 -> 80 ms).
+    scores = jnp.einsum('bqc,bkc->bqk', q, k,
+                        preferred_element_type=jnp.float32) * (c ** -0.5)
+    weights = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum('bqk,bkc->bqc', weights.astype(v.dtype), v)
+    return x + Dense(c, name='proj_out', dtype=self.dtype)(
+        out.reshape(b, h, w, c))
 
 
 class Downsample(nn.Module):
@@ -220,14 +225,86 @@ class Downsample(nn.Module):
                 dtype=self.dtype)(x)
 
 
+def _upsample_phase_kernels(kernel: Array) -> Array:
+  """A 3x3 kernel applied after 2x nearest upsampling, as 2x2 kernels.
+
+  Output pixel (2h + a, 2w + b) of "upsample, then 3x3 conv (padding 1)"
+  sees only input rows {h-1, h} (a = 0; taps 1 and 2 both land on row h) or
+  {h, h+1} (a = 1; taps 0 and 1 on row h), and likewise for columns. So each
+  of the four output phases is a 2x2 kernel whose taps are sums of the 3x3
+  taps: rows [k0, k1 + k2] for a = 0 and [k0 + k1, k2] for a = 1. Returns
+  them stacked on the output channels, (2, 2, Cin, (a, b, Cout)).
+  """
+  def pairs(k: Array, axis: int) -> Array:
+    t = [jnp.take(k, i, axis=axis) for i in range(3)]
+    return jnp.stack([jnp.stack([t[0], t[1] + t[2]], axis=axis),
+                      jnp.stack([t[0] + t[1], t[2]], axis=axis)])
+  rows = pairs(kernel, 0)               # (a, 2, 3, Cin, Cout)
+  both = jax.vmap(lambda k: pairs(k, 1))(rows)  # (a, b, 2, 2, Cin, Cout)
+  cin, cout = kernel.shape[2:]
+  return both.transpose(2, 3, 4, 0, 1, 5).reshape(2, 2, cin, 4 * cout)
+
+
+def nearest_upsample_conv(x: Array, kernel: Array) -> Array:
+  """conv3x3(nearest_upsample_x2(x)), padding 1, at the input's resolution.
+
+  One 2x2 conv over x padded by one pixel gives every output phase at once
+  (phase (a, b) is its output shifted by (a, b)); then the phases are
+  interleaved. The same products as the upsampled 3x3 conv, minus the
+  duplicates: 16 instead of 36 multiply-adds per input pixel and channel
+  pair, and no 4x larger upsampled tensor to write, convolve and (for the
+  gradient) sum back. Measured 3.3x faster forward + backward than
+  upsample-then-conv on CPU at 2x128x128x128 -> 256 (1076 -> 329 ms).
+  """
+  b, h, w, _ = x.shape
+  cout = kernel.shape[-1]
+  y = fast_conv.conv2d(x, _upsample_phase_kernels(kernel), (1, 1),
+                       ((1, 1), (1, 1)))
+  y = y.reshape(b, h + 1, w + 1, 2, 2, cout)
+  rows = [jnp.stack([y[:, a:a + h, c:c + w, a, c] for c in range(2)], axis=3)
+          for a in range(2)]               # each (B, H, W, 2 (b), Cout)
+  return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, cout)
+
+
+class _KernelBias(nn.Module):
+  """A conv's kernel and bias, initialised as `Conv` does."""
+  features: int
+  kernel_size: int
+
+  @nn.compact
+  def __call__(self, in_features: int) -> tuple[Array, Array]:
+    k = self.kernel_size
+    kernel = self.param('kernel', torch_kernel_init,
+                        (k, k, in_features, self.features), jnp.float32)
+    bias = self.param('bias', torch_bias_init(in_features * k * k),
+                      (self.features,), jnp.float32)
+    return kernel, bias
+
+
+class _ConvParams(nn.Module):
+  """`Conv`'s parameters at `Conv`'s paths (NAME/conv/kernel, .../bias), for
+  layers that apply them their own way; checkpoints and the official-weight
+  converter see an ordinary Conv."""
+  features: int
+  kernel_size: int
+
+  @nn.compact
+  def __call__(self, in_features: int) -> tuple[Array, Array]:
+    return _KernelBias(self.features, self.kernel_size, name='conv')(
+        in_features)
+
+
 class Upsample(nn.Module):
-  """Nearest-neighbour x2, then a 3x3 conv."""
+  """Nearest-neighbour x2, then a 3x3 conv (see `nearest_upsample_conv`)."""
   dtype: Dtype | None = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return Conv(x.shape[-1], 3, name='conv', dtype=self.dtype)(x)
+    c = x.shape[-1]
+    kernel, bias = _ConvParams(c, 3, name='conv')(c)
+    dt = self.dtype or jnp.promote_types(x.dtype, jnp.float32)
+    y = nearest_upsample_conv(x.astype(dt), kernel.astype(dt))
+    return y + bias.astype(dt)
 
 
 class MidBlock(nn.Module):
