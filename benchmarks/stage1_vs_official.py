@@ -79,10 +79,9 @@ def main() -> None:
                   '--official_repo', args.official_repo, *shape]
   official_env = None
   if args.official_huge_pages:
-    tunables = host_allocator.with_huge_pages(
-        os.environ.get('GLIBC_TUNABLES', ''))
-    official_env = {**os.environ, 'GLIBC_TUNABLES': tunables or
-                    os.environ['GLIBC_TUNABLES']}
+    current = os.environ.get('GLIBC_TUNABLES', '')
+    official_env = {**os.environ, 'GLIBC_TUNABLES':
+                    host_allocator.with_huge_pages(current) or current}
   ours, official = [], []
   for r in range(args.rounds):
     print(f'round {r}: ours (JAX)', flush=True)

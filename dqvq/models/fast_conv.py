@@ -217,11 +217,12 @@ def _weight_grad_stacked(x: Array, dy: Array, kernel_shape: Sequence[int],
   a (Cin, kw*Cout) output per kernel row and no wasted products. Stacking
   only dy's shifts measured faster than also stacking x's row shifts into
   one (kh*Cin, kw*Cout) product: 1.0-1.24x across the DQ-VAE's and LPIPS's
-  shapes (345 -> 277 ms at 2x256x256x128), the copies being what costs. The sum over h runs over blocks of
-  `block_rows` output rows (default: what fits WEIGHT_GRAD_BLOCK_BYTES) in a
-  loop, so that each block's copies are built and consumed in cache; zero
-  dy rows pad the last block when the blocks do not tile the height (they
-  add nothing). Products accumulate in float32.
+  shapes (345 -> 277 ms at 2x256x256x128), the copies being what costs.
+  The sum over h runs over blocks of `block_rows` output rows (default: what
+  fits WEIGHT_GRAD_BLOCK_BYTES) in a loop, so that each block's copies are
+  built and consumed in cache; zero dy rows pad the last block when the
+  blocks do not tile the height (they add nothing). Products accumulate in
+  float32.
   """
   kh, kw, cin, cout = kernel_shape
   b, ho, _, _ = dy.shape

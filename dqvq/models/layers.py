@@ -261,8 +261,9 @@ def nearest_upsample_conv(x: Array, kernel: Array) -> Array:
   y = fast_conv.conv2d(x, _upsample_phase_kernels(kernel), (1, 1),
                        ((1, 1), (1, 1)))
   y = y.reshape(b, h + 1, w + 1, 2, 2, cout)
-  rows = [jnp.stack([y[:, a:a + h, c:c + w, a, c] for c in range(2)], axis=3)
-          for a in range(2)]               # each (B, H, W, 2 (b), Cout)
+  # Phase (a, p) sits at offset (a, p) of the (H + 1, W + 1) output.
+  rows = [jnp.stack([y[:, a:a + h, p:p + w, a, p] for p in range(2)], axis=3)
+          for a in range(2)]               # each (B, H, W, 2 (p), Cout)
   return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, cout)
 
 

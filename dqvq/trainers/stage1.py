@@ -150,10 +150,7 @@ def train_step(models: Stage1Models, state: Stage1State,
         cfg.loss.budget_kind if models.vae.router == 'feature' else 'none',
         cfg.loss.budget_weight)
     own = cfg.loss.codebook_weight * out['q_loss'] + budget
-    aux = {k: out[k] for k in ('q_loss', 'commitment_loss', 'codebook_usage',
-                               'perplexity', 'code_length', 'gate',
-                               'decoder_features')}
-    return (out['reconstruction'], own), (aux, budget, new_vars['codebook'])
+    return (out['reconstruction'], own), (out, budget, new_vars['codebook'])
 
   # The generator loss is nll(x_hat) + lambda_adv * g(x_hat) + own, lambda_adv
   # held constant. Its gradient is taken as a VJP with the cotangent of x_hat
