@@ -81,7 +81,9 @@ def _data_config() -> ml_collections.ConfigDict:
       name='imagenet2012', data_dir=os.path.expanduser('~/tensorflow_datasets'),
       image_folder_root='', image_folder_train_list='',
       image_folder_eval_list='', image_folder_val_fraction=0.05,
-      image_folder_validate=True, resolution=256, train_split='train',
+      image_folder_validate=True, resolution=256,
+      crop_scale=ml_collections.config_dict.placeholder(tuple),
+      train_split='train',
       eval_split='validation', num_workers=0, read_threads=8))
 
 

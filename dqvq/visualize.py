@@ -245,8 +245,11 @@ def stage1_panel(images: np.ndarray,
                  alpha: float = OFFICIAL_ALPHA,
                  max_examples: int | None = None,
                  pad: int = 2,
-                 min_size: int = 0) -> np.ndarray:
-  """One picture, a row per example: input | reconstruction | coding | error.
+                 min_size: int = 0,
+                 extra: Sequence[np.ndarray] = ()) -> np.ndarray:
+  """One picture, a row per example: input | reconstruction | coding | error,
+  then one column per array in `extra` (stage 1 passes the coarse-only and
+  the fine-only reconstructions, so a reader sees what the extra codes buy).
 
   The same uint8 array goes to TensorBoard (`write_images`) and to the
   demo's PNGs, so what one sees in both places is identical. Images smaller
@@ -254,21 +257,25 @@ def stage1_panel(images: np.ndarray,
   cells stay visible.
   """
   zoom = max(1, min_size // images.shape[1]) if min_size else 1
+  up = lambda a: np.repeat(np.repeat(np.asarray(a), zoom, 1), zoom, 2)
   if zoom > 1:
-    up = lambda a: np.repeat(np.repeat(np.asarray(a), zoom, 1), zoom, 2)
     images, reconstructions = up(images), up(reconstructions)
+    extra = [up(e) for e in extra]
     if grain_factors is not None:
       grain_factors = tuple(f * zoom for f in grain_factors)
   if max_examples is not None:
     images = images[:max_examples]
     reconstructions = reconstructions[:max_examples]
     grain_map = grain_map[:max_examples]
+    extra = [e[:max_examples] for e in extra]
   columns = (
       to_uint8(images),
       to_uint8(reconstructions),
       coding_map_overlay(images, grain_map, num_grains, alpha,
                          grain_factors=grain_factors),
       error_map(images, reconstructions),
+      *(to_uint8(e) for e in extra),
   )
-  tiles = np.stack(columns, axis=1)  # (B, 4, H, W, 3): example-major rows
-  return image_grid(tiles.reshape((-1,) + tiles.shape[2:]), ncols=4, pad=pad)
+  tiles = np.stack(columns, axis=1)  # (B, columns, H, W, 3): example-major
+  return image_grid(tiles.reshape((-1,) + tiles.shape[2:]),
+                    ncols=len(columns), pad=pad)

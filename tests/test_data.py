@@ -50,7 +50,7 @@ def labelled_source(n: int, corrupt: tuple[int, ...] = ()) -> list[dict]:
 
 def test_demo_split_is_fixed_by_source_photo(demo_dir):
   builder = demo.demo_builder(demo_dir)
-  assert builder.info.splits['train'].num_examples == 681
+  assert builder.info.splits['train'].num_examples == len(demo.PHOTOS) - 3
   assert builder.info.splits['validation'].num_examples == 192
   names = builder.info.features['label'].names
   labels = {}
@@ -74,10 +74,77 @@ def test_demo_crop_grid_covers_photo_within_bounds():
   assert min(l for _, _, l, _ in boxes) == 0
 
 
+def test_demo_train_split_holds_full_resolution_photos(demo_dir):
+  source = demo.demo_builder(demo_dir).as_data_source(
+      'train', decoders={'image': tfds.decode.SkipDecoding()})
+  names = [n for n, _ in demo.PHOTOS]
+  for i in range(len(source)):
+    record = source[i]
+    name = names[int(record['label'])]
+    want = demo.load_photo(dict(demo.PHOTOS)[name])
+    got = np.asarray(transforms.decode_image(record['image']))
+    np.testing.assert_array_equal(got, want)  # lossless, native size
+
+
+def _stripes(h: int, w: int) -> Image.Image:
+  """Columns numbered 0..w-1 in red, rows 0..h-1 in green (h, w < 256)."""
+  arr = np.zeros((h, w, 3), np.uint8)
+  arr[..., 0] = np.arange(w, dtype=np.uint8)[None, :]
+  arr[..., 1] = np.arange(h, dtype=np.uint8)[:, None]
+  return Image.fromarray(arr)
+
+
+def test_random_scale_crops_vary_in_scale_place_and_flip():
+  img = _stripes(200, 240)
+  rng = np.random.default_rng(0)
+  spans, lefts, flips = [], [], 0
+  for _ in range(300):
+    out = transforms.random_scale_crop_flip(img, 16, (0.05, 1.0), rng)
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    col = out[8, :, 0].astype(int)
+    flips += int(col[0] > col[-1])
+    spans.append(abs(col[-1] - col[0]))
+    lefts.append(min(col[0], col[-1]))
+  assert 110 < flips < 190  # p = 0.5
+  spans = np.asarray(spans)
+  # Never enlarged (a crop spans at least 16 source columns) and up to the
+  # whole shorter side; log-uniform: both small and large crops are common.
+  assert spans.min() >= 14 and spans.max() >= 180
+  assert np.mean(spans < 40) > 0.2 and np.mean(spans > 100) > 0.2
+  assert len(set(lefts)) > 100
+
+
+def test_decoded_cache_returns_the_decoded_image_once_per_content():
+  buf = io.BytesIO()
+  _stripes(30, 40).save(buf, 'PNG')
+  cache = transforms.DecodedCache(max_items=2)
+  a = cache.decode(buf.getvalue())
+  assert cache.decode(bytes(buf.getvalue())) is a  # same content, one decode
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(_stripes(30, 40)))
+  for v in range(3):
+    cache.decode(png(v))
+  assert cache.decode(buf.getvalue()) is not a  # evicted, decoded again
+  assert cache.decode(b'not an image') is None
+
+
+def test_multiscale_train_batches_are_random_crops(demo_dir):
+  ds = pipeline.create_datasets(
+      demo_config(demo_dir, crop_scale=(0.1, 1.0)), global_batch_size=8,
+      seed=0)
+  it = iter(ds.train)
+  a, b = next(it), next(it)
+  assert a['image'].shape == (8, RES, RES, 3)
+  assert not np.array_equal(a['image'], b['image'])
+  with pytest.raises(ValueError, match='crop_scale'):
+    pipeline.create_datasets(demo_config(demo_dir, crop_scale=(0.5, 0.1)),
+                             global_batch_size=8, seed=0)
+
+
 def test_train_batches_shape_dtype_range(demo_dir):
   ds = pipeline.create_datasets(demo_config(demo_dir), global_batch_size=8,
                                 seed=0)
-  assert (ds.num_train_examples, ds.num_eval_examples) == (681, 192)
+  assert (ds.num_train_examples, ds.num_eval_examples) == (
+      len(demo.PHOTOS) - 3, 192)
   assert ds.num_classes == len(demo.PHOTOS)
   batch = next(iter(ds.train))
   assert batch['image'].shape == (8, RES, RES, 3)

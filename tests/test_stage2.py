@@ -53,7 +53,7 @@ def test_two_step_run_from_token_dataset(stage1_workdir, demo_data_dir,
   from dqvq.data import tokens  # pylint: disable=g-import-not-at-top
   tok = tokenizer_lib.load_stage1(stage1_workdir)
   data = ml_collections.ConfigDict(tok.config.data.to_dict())
-  data.train_split, data.eval_split = 'train[:32]', 'validation[:16]'
+  data.train_split, data.eval_split = 'validation[:32]', 'validation[-16:]'
   tokens_dir = str(tmp_path / 'tokens')
   tokens.write_token_dataset(tok, tokens_dir, data_config=data, batch_size=16,
                              stage1_workdir=stage1_workdir)

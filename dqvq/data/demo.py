@@ -14,13 +14,20 @@ Decision notes:
   clock_motion, microaneurysms) are left out; so is motorcycle_right, which is
   a near-duplicate of motorcycle_left. Gray photos are converted to RGB by
   replicating the channel.
-* Crops. For each photo with shorter side `s` and each scale in
-  `CROP_SCALES = (0.35, 0.5, 0.7, 1.0)`, square crops of side `round(scale*s)`
-  are taken on a grid with 50% overlap along each axis (first and last crop
-  flush with the borders). Crops smaller than 64 px (half the stored size)
-  are skipped so that nothing is upsampled more than 2x. Every crop is resized
-  to `STORED_SIZE` = 128 px with Lanczos (antialiased) and stored as PNG, so
-  the dataset is lossless and can feed any training resolution up to 128.
+* Train split: the full-resolution photographs themselves (14 of them, as
+  lossless PNG at their native size). The training pipeline draws a fresh
+  square crop of random scale and place from one of them for every example
+  (`config.data.crop_scale`, `transforms.random_scale_crop_flip`), with
+  flips. An earlier version stored 681 fixed crops; a decoder trained on
+  those learned what sits where in them and pasted it into other images (a
+  rocket's streak in the reconstructions of the moon and of a wall).
+* Validation split: fixed crops of the held-out photographs, so that a
+  validation figure is the same pass every time. For each held-out photo
+  with shorter side `s` and each scale in `CROP_SCALES = (0.35, 0.5, 0.7,
+  1.0)`, square crops of side `round(scale*s)` on a grid with 50% overlap
+  along each axis (first and last crop flush with the borders), skipping
+  crops below 64 px, each resized to `STORED_SIZE` = 128 px with Lanczos
+  (antialiased).
 * Split. Fixed by source photo: chelsea (RGB animal), coffee (RGB objects on
   smooth surfaces) and coins (gray objects) are held out entirely for
   `validation`, so validation loss measures generalisation to unseen photos
@@ -28,8 +35,8 @@ Decision notes:
   gravel) all train: a held-out texture made the validation split far more
   detailed than the train split, and its fine-grain share (which the
   thresholds fix on the train split) unrepresentative.
-* Size: 873 images in all; builds in about
-  7 s on 2 CPU cores. `label` is the index of the source photo in `PHOTOS`, which gives a
+* Size: 14 photographs to train on, 192 validation crops; builds in a few
+  seconds. `label` is the index of the source photo in `PHOTOS`, which gives a
   tiny class-conditional task for stage 2.
 
 The builder writes ArrayRecord so that grain can read it with random access.
@@ -122,7 +129,7 @@ def crop_boxes(height: int, width: int) -> list[tuple[float, int, int, int]]:
 
 def iter_crops(photo_names: frozenset[str] | None = None,
                ) -> Iterator[tuple[str, int, np.ndarray]]:
-  """Yields (file_name, label, uint8 crop of STORED_SIZE) deterministically."""
+  """Yields (key, label, uint8 crop of STORED_SIZE) deterministically."""
   for label, (name, file_name) in enumerate(PHOTOS):
     if photo_names is not None and name not in photo_names:
       continue
@@ -132,6 +139,14 @@ def iter_crops(photo_names: frozenset[str] | None = None,
           (STORED_SIZE, STORED_SIZE), Image.LANCZOS)
       key = f'{name}/s{scale:.2f}_y{top:04d}_x{left:04d}.png'
       yield key, label, np.asarray(crop)
+
+
+def iter_photos(photo_names: frozenset[str]
+                ) -> Iterator[tuple[str, int, np.ndarray]]:
+  """Yields (name, label, uint8 RGB photo at full resolution)."""
+  for label, (name, file_name) in enumerate(PHOTOS):
+    if name in photo_names:
+      yield name, label, load_photo(file_name)
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -145,8 +160,11 @@ def _png(image: np.ndarray) -> bytes:
 class DqvqDemo(tfds_compat.ModuleCodePath, tfds.core.GeneratorBasedBuilder):
   """Multi-scale crops of the photographs shipped with scikit-image."""
 
-  VERSION = tfds.core.Version('1.1.0')
+  VERSION = tfds.core.Version('2.0.0')
   RELEASE_NOTES = {
+      '2.0.0': 'train = the 14 training photographs at full resolution (the '
+               'pipeline crops them at random scales and places); '
+               'validation unchanged; images of any size.',
       '1.1.0': 'validation = chelsea, coffee, coins: all three textures '
                '(brick, grass, gravel) train, so the held-out mix of smooth '
                'and detailed regions is closer to the train split.',
@@ -159,7 +177,7 @@ class DqvqDemo(tfds_compat.ModuleCodePath, tfds.core.GeneratorBasedBuilder):
         description=__doc__,
         features=tfds.features.FeaturesDict({
             'image': tfds.features.Image(
-                shape=(STORED_SIZE, STORED_SIZE, 3), encoding_format='png'),
+                shape=(None, None, 3), encoding_format='png'),
             'label': tfds.features.ClassLabel(
                 names=[name for name, _ in PHOTOS]),
             'file_name': tfds.features.Text(),
@@ -171,12 +189,12 @@ class DqvqDemo(tfds_compat.ModuleCodePath, tfds.core.GeneratorBasedBuilder):
     del dl_manager  # Nothing to download: the photos are installed.
     train = frozenset(n for n, _ in PHOTOS) - VALIDATION_PHOTOS
     return {
-        'train': self._generate_examples(train),
-        'validation': self._generate_examples(VALIDATION_PHOTOS),
+        'train': self._generate_examples(iter_photos(train)),
+        'validation': self._generate_examples(iter_crops(VALIDATION_PHOTOS)),
     }
 
-  def _generate_examples(self, photo_names: frozenset[str]):
-    for key, label, image in iter_crops(photo_names):
+  def _generate_examples(self, examples: Iterator[tuple[str, int, np.ndarray]]):
+    for key, label, image in examples:
       # Encode here rather than handing TFDS the array: PIL's PNG encoder is
       # faster than TFDS's TF-based one and keeps TF out of the hot loop.
       yield key, {'image': _png(image), 'label': label, 'file_name': key}

@@ -42,6 +42,10 @@ Checkpointing: `iter(datasets.train)` is a grain `DatasetIterator`
     become the 'train' / 'validation' splits. Empty: hash split.
   image_folder_val_fraction: validation share of the hash split (0.05).
   image_folder_validate: decode every image while building (True).
+  crop_scale: None (default): train crops as the official pipeline (shorter
+    side to R, random R x R crop). (lo, hi): a random square of side
+    log-uniform in [lo, hi] x the shorter side, resized to R (the demo, whose
+    few large photographs yield crops at every scale and place).
   resolution: side R of the square crops fed to the model (256 in the paper).
   train_split / eval_split: TFDS split names ('train' / 'validation'); TFDS
     slicing such as 'train[:1%]' works.
@@ -231,13 +235,17 @@ def _parallel(ds: grain.MapDataset, num_workers: int,
 
 def make_train_dataset(source: Any, *, resolution: int, host_batch_size: int,
                        seed: int, shard_index: int = 0, shard_count: int = 1,
-                       num_workers: int = 0,
-                       read_threads: int = 8) -> grain.IterDataset:
-  """Infinite, shuffled, augmented batches of this host's shard."""
+                       num_workers: int = 0, read_threads: int = 8,
+                       crop_scale: tuple[float, float] | None = None
+                       ) -> grain.IterDataset:
+  """Infinite, shuffled, augmented batches of this host's shard.
+
+  `crop_scale` selects multi-scale random crops (`transforms.TrainPreprocess`).
+  """
   # grain wants a seed in [0, 2**32); map any int there deterministically.
   ds = grain.MapDataset.source(source).seed(int(seed) % 2**32)
   ds = ds.shuffle().repeat().random_map(
-      transforms.TrainPreprocess(resolution))
+      transforms.TrainPreprocess(resolution, crop_scale))
   ds = shard_for_host(ds, shard_index, shard_count, host_batch_size)
   return SkipAndBatchDataset(
       _parallel(ds, num_workers, read_threads, host_batch_size),
@@ -339,7 +347,8 @@ def create_datasets(config_data: ml_collections.ConfigDict, *,
   host_eval_batch = eval_batch_size // shard_count
   return Datasets(
       train=make_train_dataset(srcs.train, host_batch_size=host_batch,
-                               seed=seed, **common),
+                               seed=seed, crop_scale=sources_lib.train_crop_scale(
+                                   config_data), **common),
       eval=make_eval_dataset(srcs.eval, host_batch_size=host_eval_batch,
                              **common),
       num_train_examples=len(srcs.train),

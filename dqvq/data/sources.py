@@ -51,6 +51,21 @@ def _get(config: ml_collections.ConfigDict, field: str, default: Any) -> Any:
   return default if value is None else value
 
 
+def train_crop_scale(config_data: ml_collections.ConfigDict
+                     ) -> tuple[float, float] | None:
+  """`config.data.crop_scale` checked: None, or 0 < lo <= hi <= 1."""
+  scale = _get(config_data, 'crop_scale', None)
+  if scale is None:
+    return None
+  scale = tuple(float(s) for s in scale)
+  if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+    raise ValueError(
+        f'config.data.crop_scale={scale} must be (lo, hi) with 0 < lo <= hi '
+        '<= 1 (shares of the shorter side), e.g. (0.1, 1.0), or None for '
+        "the paper's resize-and-crop.")
+  return scale
+
+
 def validate_data_config(config_data: ml_collections.ConfigDict) -> None:
   """Raises ValueError / FileNotFoundError naming the field to fix."""
   name = _get(config_data, 'name', '')
@@ -58,6 +73,7 @@ def validate_data_config(config_data: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f'config.data.name={name!r} is not a known dataset; use one of '
         f'{", ".join(KNOWN_DATASETS)}.')
+  train_crop_scale(config_data)
   data_dir = _get(config_data, 'data_dir', '')
   if not data_dir:
     raise ValueError(

@@ -18,7 +18,10 @@ carry a quarter of the bytes; the batcher converts whole batches to float32.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import math
+import threading
 from typing import Any, Mapping
 
 import grain
@@ -77,6 +80,34 @@ def random_crop_flip(img: np.ndarray, size: int,
   return np.ascontiguousarray(img)
 
 
+def random_scale_crop_flip(img: Image.Image, size: int,
+                           scale_range: tuple[float, float],
+                           rng: np.random.Generator) -> np.ndarray:
+  """A square crop of random side and place, resized to `size`, random flip.
+
+  The side is log-uniform in `scale_range` times the shorter side, and never
+  below `size` (a crop is shrunk, never enlarged: enlarged crops teach blur).
+  Log-uniform gives each octave of scale the same share, so a few large
+  photographs yield crops from whole-scene views down to pixel-level texture,
+  at positions that differ every time: a decoder cannot memorise what sits
+  where in the training images, as it can with a fixed set of crops.
+  """
+  w, h = img.size
+  short = min(w, h)
+  lo, hi = (min(max(s * short, size), short) for s in scale_range)
+  side = int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+  side = min(max(side, size), short)
+  top = int(rng.integers(0, h - side + 1))
+  left = int(rng.integers(0, w - side + 1))
+  crop = img.crop((left, top, left + side, top + side))
+  if side != size:
+    crop = crop.resize((size, size), Image.BILINEAR)
+  out = np.asarray(crop)
+  if rng.random() < 0.5:
+    out = out[:, ::-1]
+  return np.ascontiguousarray(out)
+
+
 def _label(element: Mapping[str, Any]) -> np.int32:
   return np.int32(int(element.get('label', 0)))
 
@@ -87,20 +118,72 @@ def _invalid(size: int, element: Mapping[str, Any]) -> Element:
           'label': _label(element), 'valid': np.bool_(False)}
 
 
-class TrainPreprocess(grain.transforms.RandomMap):
-  """Decode, shorter side to R, random R x R crop, random flip."""
+class DecodedCache:
+  """Decoded images by content hash, for sources of a few large photographs.
 
-  def __init__(self, resolution: int):
+  Multi-scale cropping draws every example from one of a handful of photos;
+  decoding a 1-2 MP PNG each time (10-100 ms) would cost more CPU than the
+  demo's training step. Thread-safe (grain reads with threads); each worker
+  process holds its own. Bounded, oldest out first.
+  """
+
+  def __init__(self, max_items: int = 64):
+    self._max = max_items
+    self._items: dict[bytes, Image.Image] = {}
+    self._lock = threading.Lock()
+
+  def decode(self, data: bytes | np.ndarray) -> Image.Image | None:
+    raw = data.item() if isinstance(data, np.ndarray) and data.ndim == 0 else (
+        data)
+    if not isinstance(raw, bytes):
+      return decode_image(data)
+    key = hashlib.blake2b(raw, digest_size=16).digest()
+    with self._lock:
+      img = self._items.get(key)
+    if img is None:
+      img = decode_image(raw)
+      if img is not None:
+        img.load()
+        with self._lock:
+          if len(self._items) >= self._max:
+            self._items.pop(next(iter(self._items)))
+          self._items[key] = img
+    return img
+
+  def __getstate__(self):  # Worker processes start with an empty cache.
+    return {'max_items': self._max}
+
+  def __setstate__(self, state):
+    self.__init__(state['max_items'])
+
+
+class TrainPreprocess(grain.transforms.RandomMap):
+  """Decode, then the paper's crop or a multi-scale one, random flip.
+
+  With `crop_scale` None: shorter side to R, random R x R crop (the official
+  ImageNet pipeline). With `crop_scale` = (lo, hi): `random_scale_crop_flip`,
+  for datasets of a few large photographs (the demo).
+  """
+
+  def __init__(self, resolution: int,
+               crop_scale: tuple[float, float] | None = None):
     self.resolution = resolution
+    self.crop_scale = None if crop_scale is None else tuple(crop_scale)
+    self._cache = DecodedCache() if crop_scale is not None else None
 
   def random_map(self, element: Mapping[str, Any],
                  rng: np.random.Generator) -> Element:
-    img = decode_image(element['image'])
+    img = (self._cache.decode(element['image']) if self._cache is not None
+           else decode_image(element['image']))
     if img is None:
       return _invalid(self.resolution, element)
-    img = np.asarray(resize_shorter_side(img, self.resolution))
-    return {'image': random_crop_flip(img, self.resolution, rng),
-            'label': _label(element), 'valid': np.bool_(True)}
+    if self.crop_scale is not None:
+      out = random_scale_crop_flip(img, self.resolution, self.crop_scale, rng)
+    else:
+      out = random_crop_flip(
+          np.asarray(resize_shorter_side(img, self.resolution)),
+          self.resolution, rng)
+    return {'image': out, 'label': _label(element), 'valid': np.bool_(True)}
 
 
 class EvalPreprocess(grain.transforms.Map):

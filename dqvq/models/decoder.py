@@ -81,6 +81,7 @@ class Decoder(nn.Module):
   position_embedding: str = 'fourier+learned'
   dropout: float = 0.0
   dtype: layers.Dtype | None = None
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, z: Array, train: bool = False) -> tuple[Array, Array]:
@@ -103,16 +104,19 @@ class Decoder(nn.Module):
 
     num_levels = len(self.ch_mult)
     h = layers.Conv(self.ch * self.ch_mult[-1], 3, name='conv_in', dtype=dt)(z)
-    h = layers.MidBlock(self.dropout, dt, name='mid')(h, train)
+    h = layers.MidBlock(self.dropout, dt, self.norm_groups, name='mid')(
+        h, train)
     for level in reversed(range(num_levels)):
       width_l = self.ch * self.ch_mult[level]
       for j in range(self.num_res_blocks + 1):
-        h = layers.ResnetBlock(width_l, self.dropout, dt,
+        h = layers.ResnetBlock(width_l, self.dropout, dt, self.norm_groups,
                                name=f'up_{level}_block_{j}')(h, train)
         if 2 ** level in self.attn_factors:
-          h = layers.AttnBlock(dt, name=f'up_{level}_attn_{j}')(h)
+          h = layers.AttnBlock(dt, self.norm_groups,
+                               name=f'up_{level}_attn_{j}')(h)
       if level != 0:
         h = layers.Upsample(dt, name=f'up_{level}_upsample')(h)
-    h = layers.swish(layers.GroupNorm(name='norm_out', dtype=dt)(h))
+    h = layers.swish(layers.GroupNorm(self.norm_groups, name='norm_out',
+                                      dtype=dt)(h))
     out = layers.Conv(self.out_channels, 3, name='conv_out', dtype=dt)(h)
     return out, h

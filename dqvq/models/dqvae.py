@@ -46,6 +46,13 @@ class DQVAE(nn.Module):
   attn_factors: tuple[int, ...] = (8, 16)
   z_channels: int = 256
   dropout: float = 0.0
+  # GroupNorm groups everywhere (paper and official: 32). A group normalises
+  # away its per-image mean and scale, so with one or two channels per group
+  # (32 groups at widths 32-64) absolute colour and brightness cannot pass
+  # the encoder, and the decoder learns to paint blobs and border streaks to
+  # recover them (the StyleGAN "droplet" artifact). Small models want >= 4
+  # channels per group; parameter shapes do not depend on it.
+  norm_groups: int = 32
   # Decoder.
   dec_ch: int = 128
   dec_ch_mult: tuple[int, ...] = (1, 1, 2, 2)
@@ -73,10 +80,11 @@ class DQVAE(nn.Module):
     factors = tuple(self.grain_factors)
     self.encoder = encoder_lib.HierarchicalEncoder(
         factors, self.ch, tuple(self.ch_mult), self.num_res_blocks,
-        tuple(self.attn_factors), self.z_channels, self.dropout, self.dtype)
+        tuple(self.attn_factors), self.z_channels, self.dropout, self.dtype,
+        self.norm_groups)
     if self.router == 'feature' and len(factors) > 1:
       self.grain_router = router_lib.FeatureRouter(
-          factors, self.gate_type, self.gumbel_tau)
+          factors, self.gate_type, self.gumbel_tau, self.norm_groups)
     elif self.router == 'entropy':
       self.grain_router = router_lib.EntropyRouter(
           factors, tuple(self.grain_ratios), self.entropy_thresholds,
@@ -93,7 +101,7 @@ class DQVAE(nn.Module):
     self.decoder = decoder_lib.Decoder(
         self.dec_ch, tuple(self.dec_ch_mult), self.dec_num_res_blocks,
         tuple(self.dec_attn_factors), 3, self.position_embedding, self.dropout,
-        self.dtype)
+        self.dtype, self.norm_groups)
 
   def validate(self) -> None:
     """Clear errors for configurations that cannot work, before compiling."""
@@ -132,8 +140,13 @@ class DQVAE(nn.Module):
     return self.grain_router(x.shape[0], grid, grain_ratios)
 
   def encode(self, x: Array, train: bool = False,
-             grain_ratios: Sequence[float] | None = None) -> dict[str, Any]:
+             grain_ratios: Sequence[float] | None = None,
+             grain_map: Array | None = None) -> dict[str, Any]:
     """Images (B, H, W, 3) in [-1, 1] -> codes, grain map, quantized latents.
+
+    `grain_map` (B, H/f_0, W/f_0) bypasses the router: the regions are coded
+    at the given grains. That is how the study compares the router's choice
+    with random and oracle allocations on one trained model.
 
     Returns a dict with 'codes' (B, H/f_fine, W/f_fine) on the finest grid
     (a coarse region's code repeated over its cells), 'grain_map' (B, H/f_0,
@@ -143,7 +156,14 @@ class DQVAE(nn.Module):
     """
     layers.check_divisible(x.shape[1:3], self.grain_factors[0], 'DQVAE')
     features = self.encoder(x.astype(self.dtype or x.dtype), train)
-    routing = self.route(x, features, train, grain_ratios)
+    if grain_map is not None:
+      if grain_ratios is not None:
+        raise ValueError('Pass grain_map or grain_ratios, not both.')
+      grain_map = jnp.asarray(grain_map, jnp.int32)
+      routing = router_lib.Routing(
+          grain_map, jax.nn.one_hot(grain_map, self.num_grains))
+    else:
+      routing = self.route(x, features, train, grain_ratios)
     merged = grain_lib.merge_grains(features, routing.grain_map,
                                     self.grain_factors)
     if routing.gate_scale is not None:

@@ -70,6 +70,7 @@ class HierarchicalEncoder(nn.Module):
   z_channels: int = 256
   dropout: float = 0.0
   dtype: layers.Dtype | None = None
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> list[Array]:
@@ -84,10 +85,11 @@ class HierarchicalEncoder(nn.Module):
     for level in range(num_levels):
       width = self.ch * self.ch_mult[level]
       for j in range(self.num_res_blocks):
-        h = layers.ResnetBlock(width, self.dropout, dt,
+        h = layers.ResnetBlock(width, self.dropout, dt, self.norm_groups,
                                name=f'down_{level}_block_{j}')(h, train)
         if 2 ** level in self.attn_factors:
-          h = layers.AttnBlock(dt, name=f'down_{level}_attn_{j}')(h)
+          h = layers.AttnBlock(dt, self.norm_groups,
+                               name=f'down_{level}_attn_{j}')(h)
       if level in taps:
         features[taps[level]] = h
       if level != num_levels - 1:
@@ -97,9 +99,11 @@ class HierarchicalEncoder(nn.Module):
     for role, f in zip(grain_lib.grain_role_names(len(self.grain_factors)),
                        self.grain_factors):
       suffix = f'_{role}' if role else ''
-      g = layers.MidBlock(self.dropout, dt, name=f'mid{suffix}')(
+      g = layers.MidBlock(self.dropout, dt, self.norm_groups,
+                          name=f'mid{suffix}')(
           features[f], train)
-      g = layers.swish(layers.GroupNorm(name=f'norm_out{suffix}', dtype=dt)(g))
+      g = layers.swish(layers.GroupNorm(
+          self.norm_groups, name=f'norm_out{suffix}', dtype=dt)(g))
       outputs.append(layers.Conv(self.z_channels, 3, name=f'conv_out{suffix}',
                                  dtype=dt)(g))
     return outputs

@@ -171,12 +171,14 @@ class ResnetBlock(nn.Module):
   features: int
   dropout: float = 0.0
   dtype: Dtype | None = None
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
+    g = self.norm_groups
     h = Conv(self.features, 3, name='conv1', dtype=self.dtype)(
-        swish(GroupNorm(name='norm1', dtype=self.dtype)(x)))
-    h = swish(GroupNorm(name='norm2', dtype=self.dtype)(h))
+        swish(GroupNorm(g, name='norm1', dtype=self.dtype)(x)))
+    h = swish(GroupNorm(g, name='norm2', dtype=self.dtype)(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = Conv(self.features, 3, name='conv2', dtype=self.dtype)(h)
     if x.shape[-1] != self.features:
@@ -192,11 +194,12 @@ class AttnBlock(nn.Module):
   the channel axis (identical maths, and the importer maps them by name).
   """
   dtype: Dtype | None = None
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     b, h, w, c = x.shape
-    hn = GroupNorm(name='norm', dtype=self.dtype)(x)
+    hn = GroupNorm(self.norm_groups, name='norm', dtype=self.dtype)(x)
     q, k, v = (Dense(c, name=n, dtype=self.dtype)(hn).reshape(b, h * w, c)
                for n in ('q', 'k', 'v'))
     # Written out rather than jax.nn.dot_product_attention: its (B, T, N, H)
@@ -312,13 +315,14 @@ class MidBlock(nn.Module):
   """ResnetBlock, AttnBlock, ResnetBlock at constant width (`mid_*`)."""
   dropout: float = 0.0
   dtype: Dtype | None = None
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    c = x.shape[-1]
-    x = ResnetBlock(c, self.dropout, self.dtype, name='block_1')(x, train)
-    x = AttnBlock(self.dtype, name='attn_1')(x)
-    return ResnetBlock(c, self.dropout, self.dtype, name='block_2')(x, train)
+    c, g = x.shape[-1], self.norm_groups
+    x = ResnetBlock(c, self.dropout, self.dtype, g, name='block_1')(x, train)
+    x = AttnBlock(self.dtype, g, name='attn_1')(x)
+    return ResnetBlock(c, self.dropout, self.dtype, g, name='block_2')(x, train)
 
 
 def nearest_upsample(x: Array, factor: int) -> Array:

@@ -86,6 +86,7 @@ class FeatureRouter(nn.Module):
   grain_factors: tuple[int, ...]
   gate_type: str = 'mlp'
   tau: float = 1.0
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, features: Sequence[Array], train: bool,
@@ -104,7 +105,8 @@ class FeatureRouter(nn.Module):
     coarse = self.grain_factors[0]
     pooled = []
     for role, f, feat in zip(roles, self.grain_factors, features):
-      normed = layers.GroupNorm(name=f'feature_norm_{role}')(feat)
+      normed = layers.GroupNorm(self.norm_groups,
+                                name=f'feature_norm_{role}')(feat)
       pooled.append(layers.avg_pool(normed, coarse // f))
     h = jnp.concatenate(pooled, axis=-1)  # [coarse, ..., fine], as official.
     k = len(features)

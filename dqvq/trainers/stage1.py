@@ -115,10 +115,21 @@ def _rngs(state: Stage1State) -> dict[str, Array]:
   return dict(zip(('gumbel', 'restart', 'router', 'dropout'), keys))
 
 
-def train_step(models: Stage1Models, state: Stage1State,
-               batch: dict[str, Array], lpips_params: Any
-               ) -> tuple[Stage1State, dict[str, Array]]:
-  """One generator + discriminator update from a single generator forward."""
+def _disc_logits(models: Stage1Models, params: Any, stats: Any,
+                 images: Array) -> tuple[Array, Any]:
+  """Discriminator logits (float32) and its updated batch statistics."""
+  logits, new = models.disc.apply(
+      {'params': params, 'batch_stats': stats}, images, train=True,
+      mutable=['batch_stats'])
+  return logits.astype(jnp.float32), new['batch_stats']
+
+
+def generator_gradients(models: Stage1Models, state: Stage1State,
+                        batch: dict[str, Array], lpips_params: Any
+                        ) -> tuple[Any, Array, Any, dict[str, Array]]:
+  """The generator loss's gradient from one forward: (grads, x_hat, codebook,
+  metrics). `train_step` applies it; tests compare it with `jax.grad` of the
+  loss written out plainly (tests/test_stage1_gradients.py)."""
   cfg = models.config
   x = batch['image']
   rngs = _rngs(state)
@@ -133,12 +144,6 @@ def train_step(models: Stage1Models, state: Stage1State,
                              rngs={'dropout': rngs['dropout']})
       nll = nll + cfg.loss.perceptual_weight * jnp.mean(p)
     return nll
-
-  def disc_logits(params, stats, images):
-    logits, new = models.disc.apply(
-        {'params': params, 'batch_stats': stats}, images, train=True,
-        mutable=['batch_stats'])
-    return logits.astype(jnp.float32), new['batch_stats']
 
   def vae_forward(params):
     """x_hat and the loss terms that do not go through it (L_q, budget)."""
@@ -171,7 +176,8 @@ def train_step(models: Stage1Models, state: Stage1State,
     metrics[f'ratio_grain{k}'] = jnp.mean(out['gate'][..., k])
   if gan:
     g, g_cot = jax.value_and_grad(lambda y: losses.hinge_g_loss(
-        disc_logits(state.disc_params, state.disc_batch_stats, y)[0]))(x_hat)
+        _disc_logits(models, state.disc_params, state.disc_batch_stats,
+                     y)[0]))(x_hat)
     weight = losses.adaptive_gan_weight(
         out['decoder_features'], x_cot, g_cot, cfg.loss.disc_weight,
         cfg.loss.disc_weight_max)
@@ -180,6 +186,19 @@ def train_step(models: Stage1Models, state: Stage1State,
     metrics.update(g_loss=g, adaptive_weight=weight)
   metrics['loss'] = total
   (grads,) = vae_vjp((x_cot, jnp.ones_like(own)))
+  return grads, x_hat, codebook, metrics
+
+
+def train_step(models: Stage1Models, state: Stage1State,
+               batch: dict[str, Array], lpips_params: Any
+               ) -> tuple[Stage1State, dict[str, Array]]:
+  """One generator + discriminator update from a single generator forward."""
+  cfg = models.config
+  x = batch['image']
+  gan = models.disc is not None
+  factor = losses.disc_factor(state.step, cfg.loss.disc_start)
+  grads, x_hat, codebook, metrics = generator_gradients(
+      models, state, batch, lpips_params)
   updates, opt_state = models.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics['grad_norm'] = optax.global_norm(grads)
@@ -194,8 +213,8 @@ def train_step(models: Stage1Models, state: Stage1State,
     def discriminator_loss(dp):
       # Real and fake go through separate calls (separate batch statistics),
       # as the official code does.
-      real_logits, stats = disc_logits(dp, disc_stats, x)
-      fake_logits, stats = disc_logits(dp, stats, fake)
+      real_logits, stats = _disc_logits(models, dp, disc_stats, x)
+      fake_logits, stats = _disc_logits(models, dp, stats, fake)
       loss = factor * losses.hinge_d_loss(real_logits, fake_logits)
       return loss, (stats, jnp.mean(real_logits), jnp.mean(fake_logits))
 
@@ -237,11 +256,20 @@ def eval_step(models: Stage1Models, state: Stage1State,
 
 def reconstruct(models: Stage1Models, state: Stage1State,
                 images: Array) -> dict[str, Array]:
-  """Reconstructions and grain maps for pictures (eval mode)."""
-  out = models.vae.apply({'params': state.params, 'codebook': state.codebook},
-                         images, train=False, rngs=_rngs(state))
-  return {'reconstruction': jnp.clip(out['reconstruction'], -1, 1),
-          'grain_map': out['grain_map']}
+  """Reconstructions and grain maps for pictures (eval mode), and with
+  several grains also the all-coarsest and all-finest reconstructions."""
+  vae = models.vae
+  variables = {'params': state.params, 'codebook': state.codebook}
+  out = vae.apply(variables, images, train=False, rngs=_rngs(state))
+  result = {'reconstruction': jnp.clip(out['reconstruction'], -1, 1),
+            'grain_map': out['grain_map']}
+  if vae.num_grains > 1:
+    for name, grain in (('coarse_only', 0), ('fine_only', vae.num_grains - 1)):
+      coded = vae.apply(variables, images, method=vae.encode,
+                        grain_map=jnp.full_like(out['grain_map'], grain))
+      result[name] = jnp.clip(
+          vae.apply(variables, coded['quantized'], method=vae.decode), -1, 1)
+  return result
 
 
 def resolve_entropy_thresholds(config: ml_collections.ConfigDict,
@@ -312,7 +340,8 @@ def make_task(config: ml_collections.ConfigDict, workdir: str,
     return visualize.stage1_panel(
         images, out['reconstruction'], out['grain_map'],
         models.vae.num_grains, grain_factors=models.vae.grain_factors,
-        min_size=128)
+        min_size=128, extra=[out[k] for k in ('coarse_only', 'fine_only')
+                             if k in out])
 
   return common.Task(
       datasets=datasets,
@@ -326,5 +355,5 @@ def make_task(config: ml_collections.ConfigDict, workdir: str,
 
 
 __all__ = ['Stage1State', 'Stage1Models', 'build_models', 'init_state',
-           'train_step', 'eval_step', 'reconstruct', 'lpips_params_for',
+           'generator_gradients', 'train_step', 'eval_step', 'reconstruct', 'lpips_params_for',
            'make_task']

@@ -1,0 +1,289 @@
+"""Measurements of `python -m dqvq.study`: the paper's DQ-VAE tables, small.
+
+Every figure is on the validation split (photographs no model trained on),
+with eval preprocessing, PSNR per image in [0, 1] units (then averaged), and
+each code counted once (`dqvq.eval.coding`). The parts and the models they
+need are listed in `dqvq.study`; this module only evaluates trained runs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Sequence
+
+from absl import logging
+from matplotlib.figure import Figure
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dqvq import visualize
+from dqvq.data import pipeline
+from dqvq.eval import allocation
+from dqvq.eval import coding
+from dqvq.models import grain as grain_lib
+from dqvq.trainers import common
+
+Array = jax.Array
+
+
+class Model:
+  """A trained run's tokenizer with jitted encode / decode on given maps."""
+
+  def __init__(self, config: ml_collections.ConfigDict, state: Any):
+    self.config = config
+    self.vae = common.build_dqvae(config.model)
+    self.variables = {'params': state.params, 'codebook': state.codebook}
+    self.factors = tuple(self.vae.grain_factors)
+    vae, v = self.vae, self.variables
+    rngs = {'router': jax.random.key(0)}
+    self._encode = jax.jit(lambda x: vae.apply(v, x, rngs=rngs,
+                                               method=vae.encode))
+    self._with_map = jax.jit(lambda x, g: vae.apply(
+        v, x, grain_map=g, method=vae.encode))
+    self._decode = jax.jit(lambda q: jnp.clip(
+        vae.apply(v, q, method=vae.decode), -1.0, 1.0))
+
+  def grid(self, x: np.ndarray) -> tuple[int, int]:
+    return x.shape[1] // self.factors[0], x.shape[2] // self.factors[0]
+
+  def routed(self, x: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+    """The model's own routing: encode outputs and the reconstruction."""
+    out = self._encode(x)
+    return out, np.asarray(self._decode(out['quantized']))
+
+  def with_map(self, x: np.ndarray, grain_map: Array
+               ) -> tuple[dict[str, Any], np.ndarray]:
+    out = self._with_map(x, jnp.asarray(grain_map, jnp.int32))
+    return out, np.asarray(self._decode(out['quantized']))
+
+  def router_scores(self, out: dict[str, Any]) -> Array:
+    """Per-region ranking the router would budget by (higher = finer)."""
+    if out.get('logits') is not None:
+      k = len(self.factors)
+      return jax.nn.softmax(out['logits'], -1) @ jnp.arange(k, dtype=jnp.float32)
+    if out.get('entropy') is not None:
+      return out['entropy']
+    raise ValueError('This model has no router ranking (fixed or random).')
+
+
+def validation_batches(config: ml_collections.ConfigDict
+                       ) -> list[tuple[np.ndarray, np.ndarray]]:
+  """The validation split once, as (images, mask) host batches."""
+  ds = pipeline.create_datasets(config.data,
+                                global_batch_size=config.eval_batch_size,
+                                seed=0)
+  return [(b['image'], b['mask']) for b in iter(ds.eval)]
+
+
+def psnr(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+  """Per-image PSNR in dB of images in [-1, 1] (data range 1 after / 2)."""
+  mse = np.mean(((np.clip(x, -1, 1) - np.clip(y, -1, 1)) / 2.0) ** 2,
+                axis=(1, 2, 3))
+  return -10.0 * np.log10(np.maximum(mse, 1e-10))
+
+
+def coding_figures(model: Model, batches) -> dict[str, Any]:
+  """The model's own routing: PSNR, length mean/var, grain shares, usage."""
+  sums, scores = None, []
+  for x, mask in batches:
+    out, y = model.routed(x)
+    s = coding.coding_sums(out['codes'], out['grain_map'], model.factors,
+                           model.vae.codebook_size, jnp.asarray(mask))
+    sums = s if sums is None else coding.merge_sums(sums, s)
+    scores.append(psnr(x, y)[mask])
+  res = coding.summarize_coding(jax.device_get(sums), model.factors)
+  res['psnr'] = float(np.mean(np.concatenate(scores)))
+  return res
+
+
+def budget_figures(model: Model, batches, budgets: Sequence[float],
+                   seeds: int) -> list[dict[str, float]]:
+  """Router vs random vs oracle allocations of the same fine quota."""
+  rows = []
+  for b in budgets:
+    ratios = (1.0 - b, b)
+    got: dict[str, list[np.ndarray]] = {'router': [], 'oracle': []}
+    got.update({f'random{s}': [] for s in range(seeds)})
+    for i, (x, mask) in enumerate(batches):
+      n, grid = x.shape[0], model.grid(x)
+      out, _ = model.routed(x)
+      fine_all = model.with_map(x, allocation.uniform_grain_map(n, grid, 1))[1]
+      coarse_all = model.with_map(x, allocation.uniform_grain_map(n, grid, 0))[1]
+      gain = allocation.region_gain(x, coarse_all, fine_all, model.factors[0])
+      maps = {'router': allocation.oracle_grain_map(
+                  model.router_scores(out), ratios),
+              'oracle': allocation.oracle_grain_map(gain, ratios)}
+      for s in range(seeds):
+        key = jax.random.fold_in(jax.random.key(s), i)
+        maps[f'random{s}'] = allocation.random_grain_map(key, n, grid, ratios)
+      for k, g in maps.items():
+        got[k].append(psnr(x, model.with_map(x, g)[1])[mask])
+    mean = {k: float(np.mean(np.concatenate(v))) for k, v in got.items()}
+    random = [mean[f'random{s}'] for s in range(seeds)]
+    row = {'budget': b, 'router': mean['router'], 'oracle': mean['oracle'],
+           'random': float(np.mean(random)), 'random_std': float(np.std(random)),
+           'code_length': coding.expected_code_length(
+               ratios, model.factors, int(np.prod(grid)))}
+    row['gap_closed'] = allocation.gap_closed(row['router'], row['random'],
+                                              row['oracle'])
+    rows.append(row)
+  return rows
+
+
+def figure5(fixed: Model, dual: Model, batches) -> dict[str, Any]:
+  """AUROC of the dual model's fine choice vs the fixed model's region error."""
+  regions = coding.RegionScores()
+  for x, mask in batches:
+    _, y = fixed.routed(x)
+    errors = coding.region_errors(x, y, dual.factors[0])
+    out, _ = dual.routed(x)
+    regions.add(out['grain_map'] == len(dual.factors) - 1, errors, mask)
+  return {'auroc': regions.auroc(), 'regions': len(regions)}
+
+
+def coding_vs_error_picture(path: str, fixed: Model, duals: dict[str, Model],
+                            x: np.ndarray, count: int = 6) -> None:
+  """Rows: input | fixed-length error map | each router's coding map."""
+  x = x[:count]
+  z = max(1, 128 // x.shape[1])
+  up = lambda a: np.repeat(np.repeat(np.asarray(a), z, 1), z, 2)
+  _, y = fixed.routed(x)
+  columns = [visualize.to_uint8(up(x)),
+             visualize.error_map(up(x), up(y), region_size=fixed_region(
+                 duals) * z)]
+  for model in duals.values():
+    out, _ = model.routed(x)
+    columns.append(visualize.coding_map_overlay(
+        up(x), np.asarray(out['grain_map']), len(model.factors),
+        grain_factors=tuple(f * z for f in model.factors)))
+  tiles = np.stack(columns, axis=1)
+  grid = visualize.image_grid(tiles.reshape((-1,) + tiles.shape[2:]),
+                              ncols=len(columns))
+  visualize.save_png(path, grid)
+
+
+def fixed_region(duals: dict[str, Model]) -> int:
+  return next(iter(duals.values())).factors[0]
+
+
+def rate_distortion_plot(path: str, res: dict[str, Any]) -> None:
+  """PSNR against mean code length: budgets, trained ratios, fixed grids."""
+  fig = Figure(figsize=(8, 5.5), dpi=100)
+  ax = fig.subplots()
+  for name, rows in res.get('budget', {}).items():
+    xs = [r['code_length'] for r in rows]
+    for key, style in (('router', 'o-'), ('random', 's--'), ('oracle', '^:')):
+      ax.plot(xs, [r[key] for r in rows], style, label=f'{name}: {key}')
+  t6 = res.get('table6', [])
+  if t6:
+    ax.plot([r['code_length_mean'] for r in t6], [r['psnr'] for r in t6],
+            'D-', label='feature router, trained at each r')
+  for name, r in res.get('table5', {}).items():
+    ax.plot([r['code_length_mean']], [r['psnr']], '*', markersize=12,
+            label=name)
+  for name in ('fixed_f8',):
+    if name in res.get('fixed', {}):
+      r = res['fixed'][name]
+      ax.plot([r['code_length_mean']], [r['psnr']], 'P', markersize=10,
+              label=name)
+  ax.set_xlabel('codes per image')
+  ax.set_ylabel('validation PSNR (dB)')
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  fig.savefig(path)
+
+
+def run_study(runs: dict[str, tuple[Any, Any]], parts: Sequence[str],
+              workdir: str, budgets: Sequence[float], seeds: int
+              ) -> dict[str, Any]:
+  """Evaluates the trained `runs` ({name: (config, state)}) for `parts`."""
+  models = {n: Model(c, s) for n, (c, s) in runs.items()}
+  batches = validation_batches(next(iter(runs.values()))[0])
+  res: dict[str, Any] = {'num_images': int(sum(m.sum() for _, m in batches))}
+  own = {}
+  for name, model in models.items():
+    logging.info('study: evaluating %s', name)
+    own[name] = coding_figures(model, batches)
+  if 'table5' in parts:
+    res['table5'] = {n: own[n] for n in ('fixed_f4', 'triple_feature',
+                                         'triple_entropy', 'triple_random')}
+  if 'table6' in parts:
+    rows = []
+    for r in (0.1, 0.3, 0.5, 0.7, 0.9):
+      name = f'dual_feature_r{r:g}'
+      m = models[name]
+      n0 = int(np.prod(m.grid(batches[0][0])))
+      row = dict(own[name], fine_ratio_target=r,
+                 expected_length=coding.expected_code_length(
+                     (1 - r, r), m.factors, n0))
+      row['length_error'] = (row['code_length_mean'] / row['expected_length']
+                             - 1.0)
+      rows.append(row)
+    res['table6'] = rows
+  if 'budget' in parts:
+    res['budget'] = {n: budget_figures(models[n], batches, budgets, seeds)
+                     for n in ('dual_feature_r0.5', 'dual_entropy')}
+  if 'figure5' in parts:
+    fixed = models['fixed_f8']
+    duals = {n: models[n] for n in ('dual_feature_r0.5', 'dual_entropy')}
+    res['fixed'] = {'fixed_f8': own['fixed_f8']}
+    res['figure5'] = {n: figure5(fixed, m, batches) for n, m in duals.items()}
+    coding_vs_error_picture(os.path.join(workdir, 'coding_vs_error.png'),
+                            fixed, duals, batches[0][0])
+  rate_distortion_plot(os.path.join(workdir, 'rate_distortion.png'), res)
+  return res
+
+
+def _f(v: Any, fmt: str = '.2f') -> str:
+  return '—' if v is None or (isinstance(v, float) and math.isnan(v)) else (
+      format(v, fmt))
+
+
+def markdown(res: dict[str, Any]) -> str:
+  """The study's tables as Markdown (what the README shows)."""
+  out = [f"Validation: {res['num_images']} held-out crops, "
+         f"{res.get('steps', '?')} training steps per model.", '']
+  if 'table5' in res:
+    out += ['**Table 5** (equal expected length, 256 codes at 64 px)', '',
+            '| model | mean length | PSNR | usage |', '|---|---|---|---|']
+    for n, r in res['table5'].items():
+      out.append(f"| {n} | {_f(r['code_length_mean'], '.1f')} | "
+                 f"{_f(r['psnr'])} | {_f(r['codebook_usage'], '.3f')} |")
+    out.append('')
+  for name, rows in res.get('budget', {}).items():
+    out += [f'**Same model, same budget** ({name})', '',
+            '| fine budget | router | random (5 seeds) | oracle | gap closed |',
+            '|---|---|---|---|---|']
+    for r in rows:
+      out.append(f"| {r['budget']:g} | {_f(r['router'])} | {_f(r['random'])}"
+                 f" ± {_f(r['random_std'])} | {_f(r['oracle'])} | "
+                 f"{_f(100 * r['gap_closed'], '.0f')}% |")
+    out.append('')
+  if 'table6' in res:
+    out += ['**Table 6** (feature router trained at each r_fine)', '',
+            '| r_fine | mean length | expected | error | var | PSNR | usage |',
+            '|---|---|---|---|---|---|---|']
+    for r in res['table6']:
+      out.append(
+          f"| {r['fine_ratio_target']:g} | {_f(r['code_length_mean'], '.1f')}"
+          f" | {_f(r['expected_length'], '.0f')} | "
+          f"{_f(100 * r['length_error'], '+.1f')}% | "
+          f"{_f(r['code_length_var'], '.0f')} | {_f(r['psnr'])} | "
+          f"{_f(r['codebook_usage'], '.3f')} |")
+    out.append('')
+  if 'figure5' in res:
+    out += ['**Figure 5** (AUROC of fine choice vs fixed f=8 region error)',
+            '', '| router | AUROC |', '|---|---|']
+    for n, r in res['figure5'].items():
+      out.append(f"| {n} | {_f(r['auroc'], '.3f')} |")
+    out.append('')
+  return '\n'.join(out)
+
+
+__all__ = ['Model', 'run_study', 'markdown', 'budget_figures',
+           'coding_figures', 'figure5']

@@ -1,0 +1,145 @@
+r"""The paper's DQ-VAE claims, reproduced in miniature on held-out photographs.
+
+  python -m dqvq.study --workdir /tmp/dqvq_study [--steps 240] \
+      [--config configs/demo.py] [--only table5,table6,budget,figure5]
+
+Trains, with the demo tokenizer's config (its model, data, schedule; `--steps`
+changes the length of every run), the tokenizers each claim needs, then
+measures them on the validation split (photographs no model trained on):
+
+* Table 5, equal expected code length: a fixed-length VQGAN (K = 1, f = 4:
+  256 codes at 64 px) against triple-grain DQ-VAEs, F = {8, 4, 2}, with the
+  paper's constraint r_f2 = r_f8 / 4 (0.3 / 0.625 / 0.075: also 256 codes
+  expected), routed by the learned feature router, the entropy router and
+  random regions.
+* Same model, same budget: one trained dual-grain DQ-VAE (each router) gives
+  its fine codes, in every image the same number of regions, to its router's
+  ranking, to random regions (5 seeds) and to a greedy oracle
+  (`dqvq.eval.allocation`), at fine budgets 0.25 / 0.5 / 0.75.
+* Table 6: dual-grain feature-router models trained at r_fine = 0.1 ... 0.9:
+  mean code length against its expectation, its variance, PSNR, usage.
+* Figure 5: AUROC of "the router chose fine" against the per-region error of
+  the fixed-length f = 8 model (`coding.coding_map_auroc`).
+
+Writes WORKDIR/study.json, WORKDIR/study.md (the tables), rate_distortion.png
+and coding_vs_error.png. Runs resume: a trained model is only evaluated again.
+Last line: `study=WORKDIR/study.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from dqvq import host_allocator
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Runs and results go here.')
+_STEPS = flags.DEFINE_integer('steps', 240, 'Training steps of every model.')
+_CONFIG = flags.DEFINE_string(
+    'config', 'configs/demo.py', 'A config file whose stage1_config() (or '
+    'get_config(), stage 1) is the base of every model.')
+_ONLY = flags.DEFINE_list('only', ['table5', 'budget', 'table6', 'figure5'],
+                          'Parts to run.')
+_SEEDS = flags.DEFINE_integer('random_seeds', 5, 'Random allocations.')
+
+TRIPLE = dict(grain_factors=(8, 4, 2), grain_ratios=(0.3, 0.625, 0.075),
+              dec_ch_mult=(1, 2))
+MODELS: dict[str, dict[str, Any]] = {
+    'fixed_f8': dict(grain_factors=(8,), grain_ratios=(1.0,), router='none',
+                     dec_ch_mult=(1, 1, 2, 4)),
+    'fixed_f4': dict(grain_factors=(4,), grain_ratios=(1.0,), router='none',
+                     ch_mult=(1, 1, 2), attn_factors=(4,)),
+    'triple_feature': dict(TRIPLE, router='feature'),
+    'triple_entropy': dict(TRIPLE, router='entropy'),
+    'triple_random': dict(TRIPLE, router='random'),
+    'dual_entropy': dict(grain_ratios=(0.5, 0.5), router='entropy'),
+    **{f'dual_feature_r{r:g}': dict(grain_ratios=(round(1 - r, 6), r),
+                                    router='feature')
+       for r in (0.1, 0.3, 0.5, 0.7, 0.9)},
+}
+PARTS = {'table5': ('fixed_f4', 'triple_feature', 'triple_entropy',
+                    'triple_random'),
+         'budget': ('dual_feature_r0.5', 'dual_entropy'),
+         'table6': tuple(f'dual_feature_r{r:g}' for r in (0.1, 0.3, 0.5, 0.7,
+                                                          0.9)),
+         'figure5': ('fixed_f8', 'dual_feature_r0.5', 'dual_entropy')}
+BUDGETS = (0.25, 0.5, 0.75)
+
+
+def base_config(spec_arg: str):
+  """The stage-1 config of PATH[:ARG] (configs/demo.py: its tokenizer)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec_arg.partition(':')
+  spec = importlib.util.spec_from_file_location('study_base', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if hasattr(module, 'stage1_config'):
+    return module.stage1_config(arg or None)
+  c = module.get_config(arg or None)
+  if c.stage != 1:
+    raise ValueError(f'{path} is a stage-{c.stage} config without '
+                     'stage1_config(); give a tokenizer config.')
+  return c
+
+
+def model_config(base, name: str, steps: int):
+  c = base.copy_and_resolve_references()
+  c.model.update(MODELS[name])
+  if c.model.router == 'entropy':
+    c.model.entropy_thresholds = 'auto'
+  c.num_train_steps = steps
+  c.eval_every = c.image_every = c.checkpoint_every = steps
+  return c
+
+
+def train(base, name: str, workdir: str, steps: int):
+  from dqvq.trainers import loop  # pylint: disable=g-import-not-at-top
+  c = model_config(base, name, steps)
+  run_dir = os.path.join(workdir, name)
+  logging.info('study: training %s in %s', name, run_dir)
+  state = loop.train_and_evaluate(c, run_dir)
+  return c, state
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  unknown = set(_ONLY.value) - set(PARTS)
+  if unknown:
+    raise app.UsageError(f'--only: unknown parts {sorted(unknown)}; choose '
+                         f'from {sorted(PARTS)}.')
+  if _STEPS.value <= 0 or _SEEDS.value <= 0:
+    raise app.UsageError('--steps and --random_seeds must be positive.')
+  if not os.path.isfile(_CONFIG.value.partition(':')[0]):
+    raise app.UsageError(f'--config {_CONFIG.value} does not exist.')
+  from dqvq import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize()
+  from dqvq.eval import study_eval  # pylint: disable=g-import-not-at-top
+  workdir = os.path.abspath(_WORKDIR.value)
+  os.makedirs(workdir, exist_ok=True)
+  base = base_config(_CONFIG.value)
+  names = [n for n in MODELS if any(n in PARTS[p] for p in _ONLY.value)]
+  runs = {n: train(base, n, workdir, _STEPS.value) for n in names}
+  results = study_eval.run_study(runs, _ONLY.value, workdir,
+                                 budgets=BUDGETS, seeds=_SEEDS.value)
+  results['steps'] = _STEPS.value
+  results['config'] = _CONFIG.value
+  with open(os.path.join(workdir, 'study.json'), 'w') as f:
+    json.dump(results, f, indent=1)
+  md = study_eval.markdown(results)
+  path = os.path.join(workdir, 'study.md')
+  with open(path, 'w') as f:
+    f.write(md)
+  print(md)
+  print(f'study={path}')
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['workdir'])
+  host_allocator.reexec_with_huge_pages()
+  app.run(main)
