@@ -2,6 +2,7 @@ r"""The paper's DQ-VAE claims, reproduced in miniature on held-out photographs.
 
   python -m dqvq.study --workdir /tmp/dqvq_study [--steps 240] \
       [--config configs/demo.py] [--only table5,table6,budget,figure5]
+  python -m dqvq.study --run /tmp/dqvq_demo/stage1 --workdir OUT  # one model
 
 Trains, with the demo tokenizer's config (its model, data, schedule; `--steps`
 changes the length of every run), the tokenizers each claim needs, then
@@ -24,6 +25,10 @@ measures them on the validation split (photographs no model trained on):
 Writes WORKDIR/study.json, WORKDIR/study.md (the tables), rate_distortion.png
 and coding_vs_error.png. Runs resume: a trained model is only evaluated again.
 Last line: `study=WORKDIR/study.md`.
+
+With `--run DIR`, nothing is trained: the stage-1 run in DIR (the demo's
+tokenizer, or any dual-grain one) is measured with its own routing, all
+regions coarse, all fine, and router / random / oracle at each budget.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ _CONFIG = flags.DEFINE_string(
 _ONLY = flags.DEFINE_list('only', ['table5', 'budget', 'table6', 'figure5'],
                           'Parts to run.')
 _SEEDS = flags.DEFINE_integer('random_seeds', 5, 'Random allocations.')
+_RUN = flags.DEFINE_string('run', None, 'Measure this trained stage-1 run '
+                           'instead of training the study\'s models.')
 
 TRIPLE = dict(grain_factors=(8, 4, 2), grain_ratios=(0.3, 0.625, 0.075),
               dec_ch_mult=(1, 2))
@@ -122,12 +129,19 @@ def main(argv: Sequence[str]) -> None:
   from dqvq.eval import study_eval  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
-  base = base_config(_CONFIG.value)
-  names = [n for n in MODELS if any(n in PARTS[p] for p in _ONLY.value)]
-  runs = {n: train(base, n, workdir, _STEPS.value) for n in names}
-  results = study_eval.run_study(runs, _ONLY.value, workdir,
-                                 budgets=BUDGETS, seeds=_SEEDS.value)
-  results['steps'] = _STEPS.value
+  if _RUN.value:
+    from dqvq import tokenizer  # pylint: disable=g-import-not-at-top
+    tok = tokenizer.load_stage1(_RUN.value)
+    results = study_eval.run_one(tok.config, tok, budgets=BUDGETS,
+                                 seeds=_SEEDS.value)
+    results.update(run=os.path.abspath(_RUN.value), steps=tok.step)
+  else:
+    base = base_config(_CONFIG.value)
+    names = [n for n in MODELS if any(n in PARTS[p] for p in _ONLY.value)]
+    runs = {n: train(base, n, workdir, _STEPS.value) for n in names}
+    results = study_eval.run_study(runs, _ONLY.value, workdir,
+                                   budgets=BUDGETS, seeds=_SEEDS.value)
+    results['steps'] = _STEPS.value
   results['config'] = _CONFIG.value
   with open(os.path.join(workdir, 'study.json'), 'w') as f:
     json.dump(results, f, indent=1)

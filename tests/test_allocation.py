@@ -47,20 +47,22 @@ def test_study_figures_on_a_tiny_model(demo_data_dir):
   c = tiny(demo_data_dir)
   c.model.entropy_thresholds = None  # quota routing: no table needed
   models = stage1.build_models(c)
-  res = c.data.resolution
+  size = c.data.resolution
   state = jax.jit(functools.partial(stage1.init_state, models,
-                                    image_shape=(1, res, res, 3)))(
+                                    image_shape=(1, size, size, 3)))(
                                         jax.random.key(0))
-  model = study_eval.Model(c, state)
-  batches = study_eval.validation_batches(c)[:1]
-  own = study_eval.coding_figures(model, batches)
+  c.data.eval_split = 'validation[:16]'
+  res = study_eval.run_one(c, state, budgets=(0.5,), seeds=2)
+  own = res['own']
+  assert res['num_images'] == 16
   assert 0 < own['psnr'] < 60 and own['code_length_mean'] > 0
-  (row,) = study_eval.budget_figures(model, batches, (0.5,), seeds=2)
+  assert np.isfinite(res['all_fine']) and np.isfinite(res['all_coarse'])
+  (row,) = res['budget']['run']
   # Untrained, fine and coarse codes are equally poor: all allocations of
   # the same quota land within a fraction of a dB (the ordering itself is
   # tested on constructed errors above).
   values = [row[k] for k in ('router', 'random', 'oracle')]
   assert np.all(np.isfinite(values)) and np.ptp(values) < 0.5
   assert row['random_std'] >= 0 and row['code_length'] > 0
-  text = study_eval.markdown({'num_images': 8, 'budget': {'m': [row]}})
-  assert '| 0.5 |' in text
+  text = study_eval.markdown(res)
+  assert '| 0.5 |' in text and '| all fine |' in text

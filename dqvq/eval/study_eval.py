@@ -198,6 +198,24 @@ def rate_distortion_plot(path: str, res: dict[str, Any]) -> None:
   fig.savefig(path)
 
 
+def run_one(config: ml_collections.ConfigDict, state: Any,
+            budgets: Sequence[float], seeds: int) -> dict[str, Any]:
+  """One trained dual-grain run: own routing, all coarse / fine, budgets."""
+  model = Model(config, state)
+  if len(model.factors) != 2:
+    raise ValueError('--run measures a dual-grain tokenizer (two grain '
+                     f'factors); this one has {model.factors}.')
+  batches = validation_batches(config)
+  res: dict[str, Any] = {'num_images': int(sum(m.sum() for _, m in batches))}
+  res['own'] = coding_figures(model, batches)
+  for name, grain in (('all_coarse', 0), ('all_fine', 1)):
+    scores = [psnr(x, model.with_map(x, allocation.uniform_grain_map(
+        x.shape[0], model.grid(x), grain))[1])[m] for x, m in batches]
+    res[name] = float(np.mean(np.concatenate(scores)))
+  res['budget'] = {'run': budget_figures(model, batches, budgets, seeds)}
+  return res
+
+
 def run_study(runs: dict[str, tuple[Any, Any]], parts: Sequence[str],
               workdir: str, budgets: Sequence[float], seeds: int
               ) -> dict[str, Any]:
@@ -248,6 +266,16 @@ def markdown(res: dict[str, Any]) -> str:
   """The study's tables as Markdown (what the README shows)."""
   out = [f"Validation: {res['num_images']} held-out crops, "
          f"{res.get('steps', '?')} training steps per model.", '']
+  if 'own' in res:
+    own = res['own']
+    out += ['| routing | PSNR | mean length |', '|---|---|---|',
+            f"| trained | {_f(own['psnr'])} | "
+            f"{_f(own['code_length_mean'], '.1f')} |",
+            f"| all coarse | {_f(res['all_coarse'])} | — |",
+            f"| all fine | {_f(res['all_fine'])} | — |", '',
+            'Share of regions per grain: ' + ', '.join(
+                f'f={k[7:]} {v:.3f}' for k, v in own.items()
+                if k.startswith('ratio_f')) + '.', '']
   if 'table5' in res:
     out += ['**Table 5** (equal expected length, 256 codes at 64 px)', '',
             '| model | mean length | PSNR | usage |', '|---|---|---|---|']
