@@ -23,7 +23,6 @@ from dqvq import visualize
 from dqvq.data import pipeline
 from dqvq.eval import allocation
 from dqvq.eval import coding
-from dqvq.models import grain as grain_lib
 from dqvq.trainers import common
 
 Array = jax.Array
