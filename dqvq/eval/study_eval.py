@@ -23,6 +23,7 @@ from dqvq import visualize
 from dqvq.data import pipeline
 from dqvq.eval import allocation
 from dqvq.eval import coding
+from dqvq.models import router as router_lib
 from dqvq.trainers import common
 
 Array = jax.Array
@@ -61,8 +62,7 @@ class Model:
   def router_scores(self, out: dict[str, Any]) -> Array:
     """Per-region ranking the router would budget by (higher = finer)."""
     if out.get('logits') is not None:
-      k = len(self.factors)
-      return jax.nn.softmax(out['logits'], -1) @ jnp.arange(k, dtype=jnp.float32)
+      return router_lib.expected_grain(out['logits'])
     if out.get('entropy') is not None:
       return out['entropy']
     raise ValueError('This model has no router ranking (fixed or random).')
@@ -100,32 +100,38 @@ def coding_figures(model: Model, batches) -> dict[str, Any]:
 
 def budget_figures(model: Model, batches, budgets: Sequence[float],
                    seeds: int) -> list[dict[str, float]]:
-  """Router vs random vs oracle allocations of the same fine quota."""
-  rows = []
-  for b in budgets:
-    ratios = (1.0 - b, b)
-    got: dict[str, list[np.ndarray]] = {'router': [], 'oracle': []}
-    got.update({f'random{s}': [] for s in range(seeds)})
-    for i, (x, mask) in enumerate(batches):
-      n, grid = x.shape[0], model.grid(x)
-      out, _ = model.routed(x)
-      fine_all = model.with_map(x, allocation.uniform_grain_map(n, grid, 1))[1]
-      coarse_all = model.with_map(x, allocation.uniform_grain_map(n, grid, 0))[1]
-      gain = allocation.region_gain(x, coarse_all, fine_all, model.factors[0])
-      maps = {'router': allocation.oracle_grain_map(
-                  model.router_scores(out), ratios),
+  """Router vs random vs oracle allocations of the same fine quota.
+
+  Each batch is encoded, and coded all-coarse and all-fine, once; the
+  rankings (router scores, oracle gains) then serve every budget.
+  """
+  got = {b: {k: [] for k in ('router', 'oracle', *(
+      f'random{s}' for s in range(seeds)))} for b in budgets}
+  for i, (x, mask) in enumerate(batches):
+    n, grid = x.shape[0], model.grid(x)
+    out, _ = model.routed(x)
+    fine_all = model.with_map(x, allocation.uniform_grain_map(n, grid, 1))[1]
+    coarse_all = model.with_map(x, allocation.uniform_grain_map(n, grid, 0))[1]
+    gain = allocation.region_gain(x, coarse_all, fine_all, model.factors[0])
+    scores = model.router_scores(out)
+    for b in budgets:
+      ratios = (1.0 - b, b)
+      maps = {'router': allocation.oracle_grain_map(scores, ratios),
               'oracle': allocation.oracle_grain_map(gain, ratios)}
       for s in range(seeds):
         key = jax.random.fold_in(jax.random.key(s), i)
         maps[f'random{s}'] = allocation.random_grain_map(key, n, grid, ratios)
       for k, g in maps.items():
-        got[k].append(psnr(x, model.with_map(x, g)[1])[mask])
-    mean = {k: float(np.mean(np.concatenate(v))) for k, v in got.items()}
+        got[b][k].append(psnr(x, model.with_map(x, g)[1])[mask])
+  rows = []
+  grid = model.grid(batches[0][0])
+  for b in budgets:
+    mean = {k: float(np.mean(np.concatenate(v))) for k, v in got[b].items()}
     random = [mean[f'random{s}'] for s in range(seeds)]
     row = {'budget': b, 'router': mean['router'], 'oracle': mean['oracle'],
            'random': float(np.mean(random)), 'random_std': float(np.std(random)),
            'code_length': coding.expected_code_length(
-               ratios, model.factors, int(np.prod(grid)))}
+               (1.0 - b, b), model.factors, int(np.prod(grid)))}
     row['gap_closed'] = allocation.gap_closed(row['router'], row['random'],
                                               row['oracle'])
     rows.append(row)
@@ -150,9 +156,9 @@ def coding_vs_error_picture(path: str, fixed: Model, duals: dict[str, Model],
   z = max(1, 128 // x.shape[1])
   up = lambda a: np.repeat(np.repeat(np.asarray(a), z, 1), z, 2)
   _, y = fixed.routed(x)
+  region = next(iter(duals.values())).factors[0]
   columns = [visualize.to_uint8(up(x)),
-             visualize.error_map(up(x), up(y), region_size=fixed_region(
-                 duals) * z)]
+             visualize.error_map(up(x), up(y), region_size=region * z)]
   for model in duals.values():
     out, _ = model.routed(x)
     columns.append(visualize.coding_map_overlay(
@@ -162,10 +168,6 @@ def coding_vs_error_picture(path: str, fixed: Model, duals: dict[str, Model],
   grid = visualize.image_grid(tiles.reshape((-1,) + tiles.shape[2:]),
                               ncols=len(columns))
   visualize.save_png(path, grid)
-
-
-def fixed_region(duals: dict[str, Model]) -> int:
-  return next(iter(duals.values())).factors[0]
 
 
 def rate_distortion_plot(path: str, res: dict[str, Any]) -> None:

@@ -74,6 +74,16 @@ def gumbel_straight_through(logits: Array, key: Array,
   return index.astype(jnp.int32), st, jnp.sum(st * hard, axis=-1)
 
 
+def expected_grain(logits: Array) -> Array:
+  """Softmax-weighted grain id per region: the feature router's ranking.
+
+  Higher means the gate is surer the region is detailed; a per-call budget
+  gives the finest grains to the highest-ranked regions.
+  """
+  k = logits.shape[-1]
+  return jax.nn.softmax(logits, axis=-1) @ jnp.arange(k, dtype=jnp.float32)
+
+
 class FeatureRouter(nn.Module):
   """The DGC gate over per-grain features (official `*GrainFeatureRouter`).
 
@@ -125,7 +135,7 @@ class FeatureRouter(nn.Module):
       return Routing(index, gate, scale, logits)
     if grain_ratios is not None:
       grain_lib.validate_grain_ratios(tuple(grain_ratios), k)
-      scores = jax.nn.softmax(logits, axis=-1) @ jnp.arange(k, dtype=jnp.float32)
+      scores = expected_grain(logits)
       index = entropy_lib.assign_grains_by_quota(
           scores, tuple(grain_ratios)).astype(jnp.int32)
       return Routing(index, jax.nn.one_hot(index, k), None, logits)
