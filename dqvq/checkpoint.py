@@ -6,7 +6,8 @@ What a checkpoint holds (one Orbax step directory, `<workdir>/checkpoints/N`):
     device or host);
   data:  the grain iterator position (`grain.checkpoint.CheckpointHandler`,
     one small JSON file per process, since each host reads its own shard);
-  meta:  JSON with the step, the config, wall time and the caller's metrics.
+  meta:  JSON with the step, the config, wall time, the caller's metrics and
+    a checksum of every array of `state` (`run_guards.leaf_checksums`).
 
 Why this layout, and what it guarantees:
 - Saves are asynchronous: the device->host copy blocks the step, the file
@@ -17,8 +18,16 @@ Why this layout, and what it guarantees:
   renames it to `N/`; on GCS it writes `N/` in place and `commit_success.txt`
   last. Unfinished steps are invisible to `all_steps()`. A step that committed
   but was damaged later (disk trouble, a partial copy) is caught at restore:
-  `restore_latest` falls back to older steps, with a warning naming each bad
-  one.
+  files that no longer read, and arrays that read back with other bits than
+  their checksums in `meta` say. `restore_latest` falls back to older steps,
+  with a warning naming each bad one. The checksums are summed on the host,
+  each process over its own shards; they do not depend on the sharding, so
+  they hold on multi-host jobs and across a change of mesh. The data
+  position (small JSON, one file per process) has no checksum: grain's own
+  parser is its only check.
+- A run whose state no longer matches its checkpoints (the model changed)
+  gets a `CheckpointRestoreError` listing every step tried and the config
+  fields that differ from those the checkpoint was saved with.
 - Retention: the last `keep` steps, plus the `keep_best` best steps by
   `best_metric`, so a good validation checkpoint survives a later regression.
 - A non-finite loss must never replace a good checkpoint: the loop calls
@@ -40,6 +49,7 @@ from typing import Any, Mapping, Sequence
 
 from absl import logging
 from etils import epath
+from flax import traverse_util
 import grain
 import jax
 from jax.experimental import multihost_utils
@@ -50,11 +60,16 @@ from orbax.checkpoint import checkpoint_managers as ocp_managers
 # Re-exported so that the training loop needs only this module.
 # pylint: disable=g-importing-member,unused-import
 from dqvq.run_guards import check_finite
+from dqvq.run_guards import check_writable
+from dqvq.run_guards import ChecksumMismatchError
 from dqvq.run_guards import install_preemption_handler
+from dqvq.run_guards import leaf_checksums
 from dqvq.run_guards import NonFiniteLossError
 from dqvq.run_guards import nonfinite_leaves
 from dqvq.run_guards import preemption_requested
 from dqvq.run_guards import reset_preemption_request
+from dqvq.run_guards import UnwritableDirectoryError
+from dqvq.run_guards import verify_checksums
 # pylint: enable=g-importing-member,unused-import
 
 PyTree = Any
@@ -62,6 +77,11 @@ PyTree = Any
 
 class CheckpointRestoreError(RuntimeError):
   """Every checkpoint step that exists failed to restore."""
+
+
+def checkpoint_dir(workdir: str | epath.PathLike) -> epath.Path:
+  """Where a run in `workdir` keeps its Orbax steps."""
+  return epath.Path(workdir) / 'checkpoints'
 
 
 def abstract_state_of(tree: PyTree) -> PyTree:
@@ -142,7 +162,7 @@ class Checkpointer:
       raise ValueError(f'keep must be >= 1 to resume at all, got {keep}.')
     if save_every < 0:
       raise ValueError(f'save_every must be >= 0, got {save_every}.')
-    self.directory = epath.Path(workdir) / 'checkpoints'
+    self.directory = checkpoint_dir(workdir)
     self.save_every = save_every
     self.best_metric = best_metric
     self.best_mode = best_mode
@@ -255,6 +275,7 @@ class Checkpointer:
         'config': self._config,
         'metrics': metrics,
         **_jsonable(dict(extra or {})),
+        'checksums': leaf_checksums(state),  # verified by every restore
     }
     items = {'state': ocp.args.StandardSave(state),
              'meta': ocp.args.JsonSave(meta)}
@@ -310,7 +331,8 @@ class Checkpointer:
     `jax.ShapeDtypeStruct` with `.sharding`, e.g. `jax.eval_shape` output with
     shardings attached), which may differ from the saved ones. `data_iter` is
     restored in place. A step that fails to read (missing or truncated files)
-    is skipped with a warning and the previous one tried.
+    or whose arrays fail their checksums is skipped with a warning, and the
+    previous one tried.
 
     Raises:
       CheckpointRestoreError: steps exist but none could be restored.
@@ -338,8 +360,8 @@ class Checkpointer:
         state, meta = self._restore_step(step, abstract_state, data_iter)
       except Exception as e:  # pylint: disable=broad-exception-caught
         failures[step] = f'{type(e).__name__}: {e}'
-        logging.warning('Checkpoint step %d in %s is unreadable (%s); trying '
-                        'an older step.', step, self.directory,
+        logging.warning('Checkpoint step %d in %s is unreadable or damaged '
+                        '(%s); trying an older step.', step, self.directory,
                         failures[step][:500])
         continue
       if failures:
@@ -351,9 +373,39 @@ class Checkpointer:
         f'No checkpoint in {self.directory} could be restored. Tried (newest '
         'first):\n  ' + '\n  '.join(
             f'step {s}: {err[:500]}' for s, err in failures.items()) +
-        '\nCheck that the state structure matches the config the run was '
-        'started with, or move the damaged step directories away to start '
-        'over.')
+        '\n' + self._config_change_hint(steps))
+
+  def _config_change_hint(self, steps: Sequence[int]) -> str:
+    """The config fields that differ from the newest readable stored config.
+
+    A changed model is the usual reason why no step restores (the arrays'
+    shapes differ), and the fields are what the user has to set back.
+    """
+    stored = None
+    for step in steps:
+      try:
+        stored = self.read_meta(step).get('config')
+        break
+      except Exception:  # pylint: disable=broad-exception-caught
+        continue  # that step's meta is damaged too; an older one may do
+    if self._config is None or stored is None:
+      return ('Check that the state structure matches the config the run '
+              'was started with, or move the damaged step directories away '
+              'to start over.')
+    saved = traverse_util.flatten_dict(stored, sep='.')
+    now = traverse_util.flatten_dict(self._config, sep='.')
+    show = lambda tree, k: repr(tree[k]) if k in tree else '(absent)'
+    diff = [f'{k}: {show(saved, k)} (checkpoint) vs {show(now, k)} (config)'
+            for k in sorted(saved.keys() | now.keys())
+            if show(saved, k) != show(now, k)]
+    if not diff:
+      return (f'The config equals the one step {step} was saved with: the '
+              'files are damaged, or this code builds another state from the '
+              'same config. Move the step directories away to start over.')
+    return (f'The config differs from the one step {step} was saved with; '
+            'set these back to resume, or train the changed model in a new '
+            '--workdir:\n  ' + '\n  '.join(diff[:30]) +
+            (f'\n  ... and {len(diff) - 30} more' if len(diff) > 30 else ''))
 
   def restore_step(self, step: int, abstract_state: PyTree
                    ) -> tuple[PyTree, dict[str, Any]]:
@@ -395,4 +447,7 @@ class Checkpointer:
         logging.warning('Step %d has no data-iterator state; the input '
                         'pipeline starts from its beginning.', step)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    return restored['state'], dict(restored['meta'] or {})
+    meta = dict(restored['meta'] or {})
+    verify_checksums(restored['state'], meta.get('checksums'))
+    return restored['state'], meta
+

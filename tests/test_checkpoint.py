@@ -190,6 +190,13 @@ def _corrupt(step_dir: str, how: str) -> None:
     for f in glob.glob(f'{step_dir}/state/**/d/*', recursive=True):
       with open(f, 'r+b') as fh:
         fh.truncate(os.path.getsize(f) // 2)
+  elif how == 'flip_byte_in_array_data':  # decodes to other bits, or fails
+    for f in glob.glob(f'{step_dir}/state/**/d/*', recursive=True):
+      with open(f, 'r+b') as fh:
+        fh.seek(os.path.getsize(f) // 2)
+        byte = fh.read(1)
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([byte[0] ^ 0x01]))
   elif how == 'garbage_metadata':
     pathlib.Path(step_dir, 'state', '_METADATA').write_text('{"tree": ')
   elif how == 'missing_state_item':
@@ -203,8 +210,8 @@ def _corrupt(step_dir: str, how: str) -> None:
 # it is collected after the test's event loop closed. Harmless, not ours.
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 @pytest.mark.parametrize('how', ['delete_array_data', 'truncate_array_data',
-                                 'garbage_metadata', 'missing_state_item',
-                                 'empty_step_dir'])
+                                 'flip_byte_in_array_data', 'garbage_metadata',
+                                 'missing_state_item', 'empty_step_dir'])
 def test_corrupt_latest_falls_back_with_warning(tmp_path, caplog, how):
   _save_steps(tmp_path, [1, 2, 3]).close()
   _corrupt(str(tmp_path / 'checkpoints' / '3'), how)

@@ -155,6 +155,8 @@ def _check_saved_state(tmp_path, step: int) -> None:
   state, restored_step, meta = ckpt.restore_latest(abstract)
   ckpt.close()
   assert restored_step == step == meta['step']
+  # Summed per process at the save, verified here on one: they must agree.
+  assert sorted(meta['checksums']) == ["['count']", "['w']"]
   np.testing.assert_array_equal(state['w'], np.full((8, 3), 2.0 * step))
   assert int(state['count']) == step
 

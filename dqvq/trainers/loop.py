@@ -7,7 +7,8 @@
        -> every eval_every / image_every: validation pass, pictures
        -> every checkpoint_every, at the end, on SIGTERM: checkpoint
 
-A non-finite loss stops the run before anything is saved, so the last good
+An unwritable workdir is refused before anything is built or compiled. A
+non-finite loss stops the run before anything is saved, so the last good
 checkpoint survives. Everything a step needs besides the batch is in the
 state or closed over, so a resumed run replays the same per-step keys
 (fold_in(key, step)) and data order and ends bit-identical on CPU.
@@ -77,6 +78,9 @@ def write_pictures(task: common.Task, state, host_batch, writer, step: int,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
   """Trains the stage `config` names in `workdir`; returns the final state."""
   config_lib.validate_config(config)
+  # Before the data, the models and the compiles: an unwritable workdir
+  # would otherwise surface only at the first summary or checkpoint.
+  ckpt_lib.check_writable(workdir, ckpt_lib.checkpoint_dir(workdir))
   mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
   task = make_task(config, workdir, mesh)  # prepares the demo data if needed
   rng = jax.random.key(config.seed)
