@@ -10,7 +10,10 @@ read the bundles that `python -m dqvq.export` (a training run) and
   gen = dqvq.load_generator('/bundles/generator')
   samples = gen.sample(8, class_labels=[207])['image']
 
-Imports are lazy so that `import dqvq` stays cheap.
+encode / decode check their inputs first (`check_inputs=True`): float images
+in [-1, 1] (uint8 pixels: x / 127.5 - 1), integer codes within the codebook;
+sample checks the count and the class labels. Imports are lazy so that
+`import dqvq` stays cheap.
 """
 
 from __future__ import annotations

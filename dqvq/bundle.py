@@ -5,7 +5,8 @@ positions and many steps; a user who wants to tokenize images or sample needs
 one set of inference weights and the config that built them. A bundle is that
 set, in a directory that outlives the run:
 
-  BUNDLE/bundle.json              format, version, kind, config, meta
+  BUNDLE/bundle.json              format, version, kind, config, meta, and
+                                  the byte size of every file in variables/
   BUNDLE/variables/               Orbax checkpoint of the inference variables
   BUNDLE/entropy_thresholds.json  entropy-router tokenizers: the routing table
   BUNDLE/tokenizer/               generator bundles: their tokenizer's bundle
@@ -36,6 +37,7 @@ FORMAT = 'dqvq-bundle'
 VERSION = 1
 KINDS = ('tokenizer', 'generator')
 MANIFEST = 'bundle.json'
+VARIABLES = 'variables'
 THRESHOLDS = 'entropy_thresholds.json'
 
 
@@ -69,13 +71,49 @@ def save(path: str, *, kind: str, config: ml_collections.ConfigDict,
     config.model.entropy_thresholds = THRESHOLDS  # relative to the bundle
   host = jax.device_get(variables)
   with ocp.PyTreeCheckpointer() as ckptr:
-    ckptr.save(os.path.join(path, 'variables'), host)
+    ckptr.save(os.path.join(path, VARIABLES), host)
   manifest = {'format': FORMAT, 'version': VERSION, 'kind': kind,
               'config': _jsonable(config.to_dict()),
-              'meta': _jsonable(dict(meta or {}))}
+              'meta': _jsonable(dict(meta or {})),
+              'files': _file_sizes(path)}
   with open(os.path.join(path, MANIFEST), 'w') as f:
     json.dump(manifest, f, indent=1, sort_keys=True)
   return path
+
+
+def _file_sizes(path: str) -> dict[str, int]:
+  """Byte size of every file under path/variables, by path in the bundle."""
+  sizes = {}
+  for root, _, files in os.walk(os.path.join(path, VARIABLES)):
+    for name in files:
+      file = os.path.join(root, name)
+      sizes[os.path.relpath(file, path)] = os.path.getsize(file)
+  return dict(sorted(sizes.items()))
+
+
+def _damaged(path: str, what: str) -> ValueError:
+  """The error for a bundle whose files changed since export, with the fix."""
+  return ValueError(f'{path}: the bundle is damaged ({what}); copy it again '
+                    'from the original or re-export it with `python -m '
+                    'dqvq.export`.')
+
+
+def _check_files(path: str) -> None:
+  """Every weight file export wrote is there at its size (cheap: stats).
+
+  A truncated or partial copy would otherwise surface from deep inside
+  Orbax as a TensorStore error (and stray asyncio logs); bundles written
+  before the record existed skip this and rely on the read's own errors.
+  """
+  with open(os.path.join(path, MANIFEST)) as f:
+    recorded = json.load(f).get('files') or {}
+  for name, size in recorded.items():
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+      raise _damaged(path, f'{name} is missing')
+    if os.path.getsize(file) != size:
+      raise _damaged(path, f'{name} has {os.path.getsize(file)} bytes, the '
+                     f'export wrote {size}')
 
 
 def read_manifest(path: str, kind: str | None = None) -> dict[str, Any]:
@@ -120,12 +158,19 @@ def restore_variables(path: str, abstract: Any,
 
   `abstract` (from `jax.eval_shape` of the model's init) names every array
   the model needs; a bundle whose tree or shapes differ (another config, a
-  truncated copy) raises before any compile.
+  truncated copy) raises before any compile. So does one whose files are
+  missing or not the size export recorded, and a read that fails anyway
+  raises the same "damaged" ValueError, Orbax's error chained as its cause.
   """
   mesh = mesh or sharding.create_mesh()
-  var_dir = os.path.join(os.path.abspath(path), 'variables')
+  path = os.path.abspath(path)
+  _check_files(path)
+  var_dir = os.path.join(path, VARIABLES)
   with ocp.PyTreeCheckpointer() as ckptr:
-    stored = ckptr.metadata(var_dir).item_metadata.tree
+    try:
+      stored = ckptr.metadata(var_dir).item_metadata.tree
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      raise _damaged(path, f'Orbax cannot read {VARIABLES}/_METADATA') from e
     want = jax.tree_util.tree_flatten_with_path(abstract)[0]
     have = {jax.tree_util.keystr(p): tuple(getattr(m, 'shape', ()))
             for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]}
@@ -143,9 +188,14 @@ def restore_variables(path: str, abstract: Any,
     replicated = sharding.replicated(mesh)
     target = sharding.with_shardings(
         abstract, jax.tree.map(lambda _: replicated, abstract))
-    return ckptr.restore(var_dir, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(
-            target)))
+    try:
+      return ckptr.restore(var_dir, args=ocp.args.PyTreeRestore(
+          item=target,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      # Orbax raises a bare Exception holding TensorStore's pybind repr; the
+      # cause stays chained for whoever debugs the storage itself.
+      raise _damaged(path, f'Orbax cannot read {VARIABLES}/') from e
 
 
 def load_program(path: str, name: str) -> jax.export.Exported:

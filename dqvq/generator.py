@@ -11,6 +11,7 @@ one, tokenizer included, so a bundle alone is enough to make images.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from typing import Any, Callable, Sequence
 
@@ -42,14 +43,33 @@ class Generator:
       default_factory=dict, repr=False)
 
   def labels_for(self, n: int, class_labels: Sequence[int] = ()) -> np.ndarray:
-    """n labels cycling through `class_labels` (all classes when empty)."""
-    if not self.layout.num_classes:
+    """n labels cycling through `class_labels` (all classes when empty).
+
+    Refuses labels the sampler could not mean rather than bending them: any
+    label for an unconditional model (it would be ignored), non-integral
+    values (3.7 would become 3) and classes outside [0, num_classes).
+    """
+    pool = np.ravel(np.asarray(() if class_labels is None else class_labels))
+    num_classes = self.layout.num_classes
+    if not num_classes:
+      if pool.size:
+        raise ValueError(
+            f'class_labels={pool.tolist()}, but this generator is '
+            'unconditional (trained without classes): sample without '
+            'class_labels.')
       return np.zeros((n,), np.int32)
-    pool = list(class_labels) or list(range(self.layout.num_classes))
-    if any(not 0 <= c < self.layout.num_classes for c in pool):
-      raise ValueError(f'class labels {pool} outside 0..'
-                       f'{self.layout.num_classes - 1}.')
-    return np.array([pool[i % len(pool)] for i in range(n)], np.int32)
+    if pool.size and not (
+        np.issubdtype(pool.dtype, np.integer) or
+        (np.issubdtype(pool.dtype, np.floating) and
+         np.all(np.isfinite(pool)) and np.all(pool == np.round(pool)))):
+      raise ValueError(f'class_labels={pool.tolist()} must be integers (class '
+                       f'ids in [0, {num_classes})).')
+    pool = pool.astype(np.int64) if pool.size else np.arange(num_classes)
+    bad = pool[(pool < 0) | (pool >= num_classes)]
+    if bad.size:
+      raise ValueError(f'class labels {bad.tolist()} outside [0, {num_classes})'
+                       f': this generator has {num_classes} classes.')
+    return np.resize(pool, (n,)).astype(np.int32)
 
   def _sampler(self, config: sampling.SamplingConfig) -> Callable[..., Any]:
     if config not in self._compiled:
@@ -84,11 +104,16 @@ class Generator:
     the devices) are sharded over the mesh; `on_batch(n)` is called after
     each with the images it added (progress bars).
     """
+    # Host checks, before anything compiles.
+    _check_count('num_images', num_images, 1, 'a positive int: how many '
+                 'images to sample')
+    _check_count('batch_size', batch_size, 0, 'an int >= 0 (0 = 4 per '
+                 'device)')
+    labels = self.labels_for(num_images, class_labels)
     config = config or sampling.SamplingConfig()
     n_dev = self.mesh.devices.size
     batch = -(-(batch_size or 4 * n_dev) // n_dev) * n_dev
     sampler, pictures = self._sampler(config), self._pictures()
-    labels = self.labels_for(num_images, class_labels)
     key = jax.random.key(config.seed)
     batch_sharding = sharding.batch_sharding(self.mesh)
     results: dict[str, list[np.ndarray]] = {}
@@ -110,6 +135,13 @@ class Generator:
     res = {name: np.concatenate(v) for name, v in results.items()}
     res['label'] = labels
     return res
+
+
+def _check_count(name: str, value: Any, least: int, want: str) -> None:
+  """Refuses a non-int (bool and float included) or one below `least`."""
+  if (isinstance(value, (bool, np.bool_)) or
+      not isinstance(value, numbers.Integral) or value < least):
+    raise ValueError(f'{name}={value!r}; give {want}.')
 
 
 def _abstract_params(models: stage2.Stage2Models) -> Any:

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
 from typing import Any, Callable
 
 import jax
@@ -73,6 +75,47 @@ class SamplingConfig:
   min_codes: tuple[int, ...] | None = None
   max_codes: tuple[int, ...] | None = None
   seed: int = 0
+
+  def __post_init__(self):
+    """Refuses settings with no meaning here, before any sampler compiles.
+
+    Unchecked, a negative top_k or top_p of 0 would filter every token away
+    and a temperature of 0 divide by zero: the sampler would still return
+    streams, of whatever its masks leave. Count lists become tuples (the
+    config is a cache key, so it must hash).
+    """
+    number = lambda v: (isinstance(v, numbers.Real) and not isinstance(
+        v, (bool, np.bool_)) and math.isfinite(v))
+    integer = lambda v: isinstance(v, numbers.Integral) and not isinstance(
+        v, (bool, np.bool_))
+    rules = {
+        'temperature': (lambda v: number(v) and v > 0,
+                        'a finite number > 0 (greedy=True for argmax)'),
+        'top_k': (lambda v: integer(v) and v >= 0, 'an int >= 0 (0 = off)'),
+        'top_p': (lambda v: number(v) and 0 < v <= 1,
+                  'a number in (0, 1] (1.0 = off)'),
+        'cfg_scale': (number, 'a finite number (1.0 = no guidance)'),
+    }
+    for prefix, (ok, want) in rules.items():
+      for name in (f'{prefix}_position', f'{prefix}_content'):
+        if not ok(getattr(self, name)):
+          raise ValueError(f'SamplingConfig.{name}={getattr(self, name)!r}; '
+                           f'give {want}.')
+    if not isinstance(self.greedy, (bool, np.bool_)):
+      raise ValueError(f'SamplingConfig.greedy={self.greedy!r}; give a bool.')
+    if not integer(self.seed):
+      raise ValueError(f'SamplingConfig.seed={self.seed!r}; give an int.')
+    for name in ('min_codes', 'max_codes'):
+      counts = getattr(self, name)
+      if counts is None:
+        continue
+      counts = tuple(counts) if isinstance(
+          counts, (tuple, list, np.ndarray)) else None
+      if counts is None or not all(integer(c) and c >= 0 for c in counts):
+        raise ValueError(f'SamplingConfig.{name}={getattr(self, name)!r}; '
+                         'give None or one int >= 0 per granularity, coarse '
+                         'to fine.')
+      object.__setattr__(self, name, tuple(int(c) for c in counts))
 
   @property
   def guided(self) -> bool:

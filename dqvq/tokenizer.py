@@ -45,8 +45,8 @@ class Tokenizer:
     return {'params': self.params, 'codebook': self.codebook}
 
   def encode(self, images: Array,
-             grain_ratios: tuple[float, ...] | None = None
-             ) -> dict[str, Array]:
+             grain_ratios: tuple[float, ...] | None = None, *,
+             check_inputs: bool = True) -> dict[str, Array]:
     """Images (B, H, W, 3) in [-1, 1] -> code map, grain map, code length.
 
     'codes' (B, G, G) lies on the finest grid (a coarse region's code repeats
@@ -54,7 +54,16 @@ class Tokenizer:
     'code_length' (B,) the codes each image takes. `grain_ratios` (coarse to
     fine shares, summing to 1) sets the code budget per image instead of the
     trained one; every router but 'none' takes it.
+
+    `check_inputs` (default True) refuses what the model would silently turn
+    into garbage codes: non-float (e.g. uint8) images, values outside
+    [-1, 1] (a forgotten rescale: [0, 255] images come out all coarse), NaN
+    or inf (code 0 everywhere), and non-NHWC shapes; see `check_images`.
+    Under jit only dtype and shape can be checked (a tracer has no values),
+    so check before jitting; False skips every check.
     """
+    if check_inputs:
+      check_images(images)
     out = self.vae.apply(self.variables, images, train=False,
                          grain_ratios=grain_ratios, method=self.vae.encode,
                          rngs={'router': jax.random.key(0),
@@ -63,10 +72,90 @@ class Tokenizer:
             'grain_map': out['grain_map'].astype(jnp.int32),
             'code_length': out['code_length'].astype(jnp.int32)}
 
-  def decode(self, codes: Array) -> Array:
-    """Code map (B, G, G) -> images in [-1, 1]."""
+  def decode(self, codes: Array, *, check_inputs: bool = True) -> Array:
+    """Code map (B, G, G) -> images in [-1, 1].
+
+    `check_inputs` (default True) refuses non-integer codes and ids outside
+    [0, codebook_size), which the codebook lookup would turn into NaN
+    images; see `check_codes` (values only outside jit, as for `encode`).
+    """
+    if check_inputs:
+      check_codes(codes, self.vae.codebook_size)
     out = self.vae.apply(self.variables, codes, method=self.vae.decode_codes)
     return jnp.clip(out, -1.0, 1.0)
+
+
+# How far past [-1, 1] images may stray (resampling, float round-off) before
+# `check_images` calls them out of range.
+RANGE_TOLERANCE = 1e-3
+
+
+def _value_range(x: Any) -> tuple[Any, Any] | None:
+  """(min, max) of a concrete array as host scalars; None under jit or empty.
+
+  Two reductions where the array lives (no host copy of the batch); NaN
+  propagates through both, so a non-finite min or max means non-finite
+  values.
+  """
+  if isinstance(x, jax.core.Tracer) or not x.size:
+    return None
+  if isinstance(x, jax.Array):
+    return tuple(v.item() for v in jax.device_get((jnp.min(x), jnp.max(x))))
+  return np.min(x).item(), np.max(x).item()
+
+
+def check_images(images: Any) -> None:
+  """Raises ValueError unless `images` are float NHWC RGB batches in [-1, 1].
+
+  The model itself accepts any array and returns codes for it, so a user who
+  forgets to rescale would only see bad tokens; each error names the fix.
+  [0, 1] images pass (they lie in [-1, 1]). dtype and shape are checked
+  always, values (a min/max reduction) only on concrete arrays.
+  """
+  x = images if hasattr(images, 'dtype') else np.asarray(images)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(
+        f'images have dtype {x.dtype}; encode takes float images in [-1, 1]: '
+        'convert uint8 [0, 255] pixels with x / 127.5 - 1.')
+  if x.ndim != 4 or x.shape[-1] != 3:
+    raise ValueError(
+        f'images have shape {tuple(x.shape)}; encode takes RGB batches '
+        '(B, H, W, 3), channels last (add a batch axis with x[None]).')
+  span = _value_range(x)
+  if span is None:
+    return
+  lo, hi = float(span[0]), float(span[1])
+  if not (np.isfinite(lo) and np.isfinite(hi)):
+    raise ValueError(f'images hold NaN or inf (min {lo}, max {hi}); encode '
+                     'takes finite float images in [-1, 1].')
+  if lo < -1.0 - RANGE_TOLERANCE or hi > 1.0 + RANGE_TOLERANCE:
+    hint = ('they look like [0, 255] pixels: use x / 127.5 - 1'
+            if lo >= -RANGE_TOLERANCE and 2.0 < hi <= 255.0 + RANGE_TOLERANCE
+            else 'rescale them')
+    raise ValueError(f'images span [{lo:.4g}, {hi:.4g}]; encode takes float '
+                     f'images in [-1, 1] ({hint}).')
+
+
+def check_codes(codes: Any, codebook_size: int) -> None:
+  """Raises ValueError unless `codes` are (B, G, G) ids in [0, codebook_size).
+
+  An id past the codebook (or negative) looks up no embedding and decodes to
+  NaN; float codes would be truncated. Values are checked only on concrete
+  arrays, as in `check_images`.
+  """
+  x = codes if hasattr(codes, 'dtype') else np.asarray(codes)
+  valid = (f'integer code ids in [0, {codebook_size - 1}] (this codebook has '
+           f'{codebook_size} codes)')
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise ValueError(f'codes have dtype {x.dtype}; decode takes {valid}, as '
+                     "encode returns them in 'codes'.")
+  if x.ndim != 3:
+    raise ValueError(f'codes have shape {tuple(x.shape)}; decode takes code '
+                     "maps (B, G, G) on the finest grid (encode's 'codes').")
+  span = _value_range(x)
+  if span is not None and not (0 <= span[0] and span[1] < codebook_size):
+    raise ValueError(f'codes span [{span[0]}, {span[1]}]; decode takes '
+                     f'{valid}.')
 
 
 def fingerprint(tree: Any) -> str:
@@ -176,4 +265,4 @@ def load_stage1(workdir: str, mesh: jax.sharding.Mesh | None = None
 
 
 __all__ = ['Tokenizer', 'load_stage1', 'load_bundle', 'save_bundle',
-           'abstract_variables', 'fingerprint']
+           'abstract_variables', 'fingerprint', 'check_images', 'check_codes']
