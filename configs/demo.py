@@ -36,6 +36,7 @@ import os
 import ml_collections
 
 from dqvq import config_lib
+from dqvq.data import demo as demo_data
 from dqvq.models import transformer as transformer_lib
 
 
@@ -43,7 +44,7 @@ def get_config(arg=None):
   """Stage 2 on top of the demo tokenizer, which trains first."""
   opts = config_lib.parse_arg(arg)
   stage1 = stage1_config(arg)
-  c = config_lib.stage2_config(','.join(filter(None, [arg, 'uncond'])))
+  c = config_lib.stage2_config(arg)
   c.tokenizer.stage1 = stage1
   c.data = ml_collections.ConfigDict(stage1.data.to_dict())
   # A toy DQ-Transformer (1 position + 2 content layers, width 128, under 1M
@@ -53,6 +54,19 @@ def get_config(arg=None):
       width=128, num_heads=4, position_layers=1, content_layers=2,
       block_size=512, embed_dropout=0.1, attn_dropout=0.0,
       resid_dropout=0.1, remat=False))  # remat only pays for big batches
+  # Class-conditional on the source photograph (the demo's label): the
+  # samples cycle through the 14 training photographs, so each shows the
+  # colours and textures of one of them. Unconditional at this size and
+  # length, the samples were a mix of all 14 (README "The demo").
+  c.model.num_classes = len(demo_data.PHOTOS)
+  c.sample_class_labels = tuple(
+      i for i, (name, _) in enumerate(demo_data.PHOTOS)
+      if name not in demo_data.VALIDATION_PHOTOS)
+  # Contents at temperature 0.7, positions at 1 (the code count stays the
+  # data's, about 160 per image): at 1 the contents were speckled noise
+  # over the photograph's colours, at 0.7 the textures hold together (the
+  # moon's craters, the stained cells, the retina's vessels).
+  c.sampling.temperature_content = 0.7
   c.optim.base_learning_rate = 1e-3
   c.batch_size = 16
   c.eval_batch_size = 16

@@ -12,12 +12,14 @@ Config arguments (`--config configs/x.py:ARG`) are comma-separated options:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
 import jax
 import ml_collections
 
+from dqvq import sampling as sampling_lib
 from dqvq import sharding
 from dqvq.data import sources as data_sources
 from dqvq.models import dqvae
@@ -179,9 +181,33 @@ def stage2_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.best_metric = 'val/loss'
   c.sample_images = 0                 # >0: `dqvq.train` samples this many
   #                                     images after training (the demo)
+  # How those samples are drawn: `sampling.SamplingConfig`'s fields (its
+  # seed is config.seed), and the class labels they cycle through (empty:
+  # every class of a class-conditional model).
+  c.sampling = sampling_defaults()
+  c.sample_class_labels = ()
   if opts['runlocal']:
     runlocal(c)
   return c
+
+
+def sampling_defaults() -> ml_collections.ConfigDict:
+  """`sampling.SamplingConfig`'s defaults as config fields, less its seed."""
+  fields = dataclasses.asdict(sampling_lib.SamplingConfig())
+  del fields['seed']
+  c = ml_collections.ConfigDict(fields)
+  for name in ('min_codes', 'max_codes'):
+    c[name] = ml_collections.config_dict.placeholder(tuple)
+  return c
+
+
+def sampling_config(c: ml_collections.ConfigDict) -> sampling_lib.SamplingConfig:
+  """The SamplingConfig a stage-2 config's `sampling` fields name."""
+  fields = dict(c.get('sampling', {}))
+  for name in ('min_codes', 'max_codes'):
+    if fields.get(name) is not None:
+      fields[name] = tuple(int(v) for v in fields[name])
+  return sampling_lib.SamplingConfig(**fields, seed=c.seed)
 
 
 def runlocal(c: ml_collections.ConfigDict) -> None:
@@ -294,3 +320,12 @@ def _validate_stage2(c: ml_collections.ConfigDict, num_devices: int,
   if m.label_dropout > 0 and not m.num_classes:
     raise ValueError('config.model.label_dropout > 0 needs a class-'
                      'conditional model (config.model.num_classes > 0).')
+  labels = tuple(c.get('sample_class_labels', ()))
+  if labels and not m.num_classes:
+    raise ValueError('config.sample_class_labels needs a class-conditional '
+                     'model (config.model.num_classes > 0); empty it.')
+  bad = [l for l in labels if not 0 <= int(l) < m.num_classes]
+  if bad:
+    raise ValueError(f'config.sample_class_labels {bad} lie outside '
+                     f'[0, {m.num_classes}) (config.model.num_classes).')
+  sampling_config(c)  # SamplingConfig refuses impossible settings itself.

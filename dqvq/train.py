@@ -33,7 +33,6 @@ def main(argv: list[str]) -> None:
   distributed.initialize()  # before anything touches a device
   config = _CONFIG.value
   workdir = os.path.abspath(_WORKDIR.value)
-  os.makedirs(workdir, exist_ok=True)
   logging.info('JAX: %d processes, %d devices (%s).', jax.process_count(),
                jax.device_count(), jax.devices()[0].platform)
   run(config, workdir)
@@ -44,8 +43,10 @@ def run(config, workdir: str) -> None:
   tokenizer config (`config.tokenizer.stage1`, as the demo does) trains that
   first in `workdir/stage1` and itself in `workdir/stage2`. Both resume.
   With `config.sample_images` > 0, stage 2 then writes that many samples
-  (`python -m dqvq.sample` with default settings) to `workdir/samples`."""
+  (`python -m dqvq.sample` with `config.sampling` and
+  `config.sample_class_labels`) to `workdir/samples`."""
   from dqvq import config_lib  # pylint: disable=g-import-not-at-top
+  from dqvq import run_guards  # pylint: disable=g-import-not-at-top
   from dqvq.trainers import loop  # pylint: disable=g-import-not-at-top
   stage1_config = (config.tokenizer.get('stage1') if config.stage == 2
                    else None)
@@ -53,6 +54,10 @@ def run(config, workdir: str) -> None:
     # Every check of both stages before the first one trains.
     config_lib.validate_config(config, tokenizer_ready=False)
     stage1_dir = config.tokenizer.workdir or os.path.join(workdir, 'stage1')
+    run_guards.check_writable(
+        *(os.path.join(d, sub) for d in (stage1_dir,
+                                          os.path.join(workdir, 'stage2'))
+          for sub in ('', 'checkpoints')))
     logging.info('Stage 1 (tokenizer) in %s.', stage1_dir)
     loop.train_and_evaluate(stage1_config, stage1_dir)
     with config.unlocked():
@@ -63,13 +68,13 @@ def run(config, workdir: str) -> None:
   if config.stage == 2 and config.get('sample_images', 0):
     # pylint: disable=g-import-not-at-top
     from dqvq import sample
-    from dqvq import sampling
     # pylint: enable=g-import-not-at-top
     out = os.path.join(os.path.dirname(workdir) if stage1_config is not None
                        else workdir, 'samples')
     logging.info('Sampling %d images into %s.', config.sample_images, out)
     sample.run(out=out, num_images=config.sample_images,
-               config=sampling.SamplingConfig(seed=config.seed),
+               config=config_lib.sampling_config(config),
+               class_labels=tuple(config.get('sample_class_labels', ())),
                workdir=workdir)
 
 

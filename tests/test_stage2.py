@@ -74,6 +74,12 @@ def test_demo_trains_both_stages(demo_data_dir, tmp_path):
   samples = os.listdir(tmp_path / 'samples' / 'images')
   assert len(samples) == c.sample_images
   assert os.path.exists(tmp_path / 'samples' / 'grid.png')
+  # Class-conditional on the training photographs, cycling in order.
+  labels = np.load(tmp_path / 'samples' / 'tokens.npz')['label']
+  train_labels = list(c.sample_class_labels)
+  assert 4 not in train_labels  # chelsea, a validation photograph
+  assert labels.tolist() == [train_labels[i % len(train_labels)]
+                             for i in range(c.sample_images)]
   # Running it again resumes both stages (nothing left to do) without error.
   c2 = load_config('demo').get_config('runlocal')
   c2.data.data_dir = demo_data_dir
@@ -249,3 +255,28 @@ def test_paper_configs():
   params = nn.unbox(jax.eval_shape(
       lambda: model.init(jax.random.key(0), x, x['position'], x['grain'])))
   assert sum(p.size for p in jax.tree.leaves(params)) == 313_999_360
+
+
+def test_sample_settings_refused_before_training(stage1_workdir, demo_data_dir):
+  c = stage2_config(stage1_workdir, demo_data_dir, arg='runlocal,uncond')
+  c.sample_class_labels = (3,)
+  with pytest.raises(ValueError, match='needs a class-conditional'):
+    config_lib.validate_config(c)
+  c = stage2_config(stage1_workdir, demo_data_dir)
+  c.sample_class_labels = (0, c.model.num_classes)
+  with pytest.raises(ValueError, match=r'outside \[0, '):
+    config_lib.validate_config(c)
+  c = stage2_config(stage1_workdir, demo_data_dir)
+  c.sampling.temperature_content = 0.0
+  with pytest.raises(ValueError, match='temperature'):
+    config_lib.validate_config(c)
+
+
+def test_tokenizer_of_another_resolution_refused(stage1_workdir,
+                                                 demo_data_dir, tmp_path):
+  c = stage2_config(stage1_workdir, demo_data_dir)
+  trained_at = tokenizer_lib.load_stage1(stage1_workdir).config.data.resolution
+  c.data.resolution = 2 * trained_at
+  with pytest.raises(ValueError, match=f'trained at {trained_at} px'):
+    loop.train_and_evaluate(c, str(tmp_path))
+  assert not os.path.exists(tmp_path / 'checkpoints' / '0')

@@ -221,6 +221,15 @@ def make_task(config: ml_collections.ConfigDict, workdir: str,
   tok = tokenizer_lib.load_stage1(config.tokenizer.workdir, mesh)
   logging.info('Tokenizer: %s step %d (fingerprint %s).',
                config.tokenizer.workdir, tok.step, tok.fingerprint)
+  trained_at = int(tok.config.data.resolution)
+  if not config.tokens_dir and int(config.data.resolution) != trained_at:
+    # The layout would follow the images and train silently on a grid the
+    # tokenizer never saw; its codes would not mean what they did.
+    raise ValueError(
+        f'config.data.resolution={config.data.resolution} but the tokenizer '
+        f'in {config.tokenizer.workdir} was trained at {trained_at} px; set '
+        f'--config.data.resolution={trained_at} (or train a tokenizer at '
+        f'{config.data.resolution} px).')
   layout = build_layout(config, tok)
   models = build_models(config, layout)
   logging.info('Token layout: grids %s, capacities %s, sequence length %d.',
