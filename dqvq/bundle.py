@@ -91,7 +91,7 @@ def _file_sizes(path: str) -> dict[str, int]:
   return dict(sorted(sizes.items()))
 
 
-def _damaged(path: str, what: str) -> ValueError:
+def damaged_error(path: str, what: str) -> ValueError:
   """The error for a bundle whose files changed since export, with the fix."""
   return ValueError(f'{path}: the bundle is damaged ({what}); copy it again '
                     'from the original or re-export it with `python -m '
@@ -110,9 +110,9 @@ def _check_files(path: str) -> None:
   for name, size in recorded.items():
     file = os.path.join(path, name)
     if not os.path.isfile(file):
-      raise _damaged(path, f'{name} is missing')
+      raise damaged_error(path, f'{name} is missing')
     if os.path.getsize(file) != size:
-      raise _damaged(path, f'{name} has {os.path.getsize(file)} bytes, the '
+      raise damaged_error(path, f'{name} has {os.path.getsize(file)} bytes, the '
                      f'export wrote {size}')
 
 
@@ -170,7 +170,7 @@ def restore_variables(path: str, abstract: Any,
     try:
       stored = ckptr.metadata(var_dir).item_metadata.tree
     except Exception as e:  # pylint: disable=broad-exception-caught
-      raise _damaged(path, f'Orbax cannot read {VARIABLES}/_METADATA') from e
+      raise damaged_error(path, f'Orbax cannot read {VARIABLES}/_METADATA') from e
     want = jax.tree_util.tree_flatten_with_path(abstract)[0]
     have = {jax.tree_util.keystr(p): tuple(getattr(m, 'shape', ()))
             for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]}
@@ -195,7 +195,7 @@ def restore_variables(path: str, abstract: Any,
     except Exception as e:  # pylint: disable=broad-exception-caught
       # Orbax raises a bare Exception holding TensorStore's pybind repr; the
       # cause stays chained for whoever debugs the storage itself.
-      raise _damaged(path, f'Orbax cannot read {VARIABLES}/') from e
+      raise damaged_error(path, f'Orbax cannot read {VARIABLES}/') from e
 
 
 def load_program(path: str, name: str) -> jax.export.Exported:

@@ -221,8 +221,9 @@ def load_bundle(path: str, mesh: jax.sharding.Mesh | None = None
                                            variables['codebook'])))
   recorded = manifest['meta'].get('fingerprint')
   if recorded and recorded != tok.fingerprint:
-    raise ValueError(f'{path}: the weights do not match the fingerprint '
-                     f'{recorded} recorded at export; the copy is damaged.')
+    raise bundle_lib.damaged_error(
+        path, f'the weights do not match the fingerprint {recorded} recorded '
+        'at export')
   return tok
 
 

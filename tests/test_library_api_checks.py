@@ -195,14 +195,18 @@ def test_truncated_weight_file_is_a_damaged_bundle(tok_bundle, tmp_path,
 
 
 def test_unreadable_weight_file_is_a_damaged_bundle(tok_bundle, tmp_path):
-  """Same size, other bytes: the size record passes, Orbax's read fails."""
+  """Same size, other bytes: the size record passes; then either Orbax's
+  read fails (a chunk that no longer decodes) or the weights read back and
+  miss the export's fingerprint (raw bytes), by where the write lands."""
   def overwrite(file):
     with open(file, 'r+b') as f:
       f.seek(os.path.getsize(file) // 3)
       f.write(b'\x07' * 4096)
   path = _damaged_copy(tok_bundle, tmp_path, overwrite)
-  with pytest.raises(ValueError, match=r'damaged \(Orbax cannot read '
-                     r'variables/\).*re-export') as err:
+  with pytest.raises(ValueError, match=r'damaged \((Orbax cannot read '
+                     r'variables/|the weights do not match the fingerprint '
+                     r'\w+ recorded at export)\).*re-export') as err:
     dqvq.load_tokenizer(path)
-  assert err.value.__cause__ is not None  # Orbax's error, for debugging
+  if 'Orbax' in str(err.value):
+    assert err.value.__cause__ is not None  # Orbax's error, for debugging
   _assert_clear(err, path)
