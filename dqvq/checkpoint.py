@@ -7,7 +7,7 @@ What a checkpoint holds (one Orbax step directory, `<workdir>/checkpoints/N`):
   data:  the grain iterator position (`grain.checkpoint.CheckpointHandler`,
     one small JSON file per process, since each host reads its own shard);
   meta:  JSON with the step, the config, wall time, the caller's metrics and
-    a checksum of every array of `state` (`run_guards.leaf_checksums`).
+    a checksum of every array of `state` (`checksums.leaf_checksums`).
 
 Why this layout, and what it guarantees:
 - Saves are asynchronous: the device->host copy blocks the step, the file
@@ -59,17 +59,17 @@ from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 # Re-exported so that the training loop needs only this module.
 # pylint: disable=g-importing-member,unused-import
+from dqvq.checksums import ChecksumMismatchError
+from dqvq.checksums import leaf_checksums
+from dqvq.checksums import verify_checksums
 from dqvq.run_guards import check_finite
 from dqvq.run_guards import check_writable
-from dqvq.run_guards import ChecksumMismatchError
 from dqvq.run_guards import install_preemption_handler
-from dqvq.run_guards import leaf_checksums
 from dqvq.run_guards import NonFiniteLossError
 from dqvq.run_guards import nonfinite_leaves
 from dqvq.run_guards import preemption_requested
 from dqvq.run_guards import reset_preemption_request
 from dqvq.run_guards import UnwritableDirectoryError
-from dqvq.run_guards import verify_checksums
 # pylint: enable=g-importing-member,unused-import
 
 PyTree = Any

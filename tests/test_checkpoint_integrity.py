@@ -32,7 +32,7 @@ import pytest
 
 from conftest import load_config
 from dqvq import checkpoint as ckpt_lib
-from dqvq import run_guards
+from dqvq import checksums
 from dqvq.trainers import loop
 from test_checkpoint import _save_steps
 from test_checkpoint import _state
@@ -142,7 +142,7 @@ def test_checksums_ignore_sharding_and_catch_one_flipped_bit(monkeypatch):
     placed = jax.device_put(host, NamedSharding(mesh, spec))
     assert ckpt_lib.leaf_checksums(placed) == first, spec
   # Big leaves are summed in chunks of rows; the sums must not change.
-  monkeypatch.setattr(run_guards, '_CHUNK_WORDS', 5)
+  monkeypatch.setattr(checksums, '_CHUNK_WORDS', 5)
   assert ckpt_lib.leaf_checksums(host) == first
   assert ckpt_lib.leaf_checksums(
       jax.device_put(host, NamedSharding(mesh, specs[3]))) == first
