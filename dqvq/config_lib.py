@@ -202,12 +202,10 @@ def sampling_defaults() -> ml_collections.ConfigDict:
 
 
 def sampling_config(c: ml_collections.ConfigDict) -> sampling_lib.SamplingConfig:
-  """The SamplingConfig a stage-2 config's `sampling` fields name."""
-  fields = dict(c.get('sampling', {}))
-  for name in ('min_codes', 'max_codes'):
-    if fields.get(name) is not None:
-      fields[name] = tuple(int(v) for v in fields[name])
-  return sampling_lib.SamplingConfig(**fields, seed=c.seed)
+  """The SamplingConfig a stage-2 config's `sampling` fields name (it makes
+  code counts given as lists hashable tuples itself)."""
+  return sampling_lib.SamplingConfig(**dict(c.get('sampling', {})),
+                                     seed=c.seed)
 
 
 def runlocal(c: ml_collections.ConfigDict) -> None:
