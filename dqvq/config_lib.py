@@ -20,6 +20,7 @@ import jax
 import ml_collections
 
 from dqvq import sampling as sampling_lib
+from dqvq import sequence
 from dqvq import sharding
 from dqvq.data import sources as data_sources
 from dqvq.models import dqvae
@@ -164,7 +165,12 @@ def stage2_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Recompute block activations in the backward pass: the paper's 30
       # sequences per device do not fit otherwise (python -m dqvq.aot).
       remat=not opts['runlocal'],
-      capacities=ml_collections.config_dict.placeholder(tuple)))  # None: full
+      capacities=ml_collections.config_dict.placeholder(tuple),  # None: full
+      # 'slot': a token's absolute position is its slot (each stream starts
+      # at a fixed row); 'compact': only non-pad tokens count, as the
+      # official does on every image (converted official generators).
+      # Slot trained a little better on the demo (dqvq.sequence).
+      position_index='slot'))
   c.data = _data_config()
   c.batch_size = 240                  # official 30 per GPU x 8 GPUs
   c.eval_batch_size = 240
@@ -312,6 +318,9 @@ def _validate_stage2(c: ml_collections.ConfigDict, num_devices: int,
   if fsdp > 1 and m.width % fsdp:
     raise ValueError(f'config.model.width={m.width} is not divisible by the '
                      f'fsdp mesh size {fsdp}; FSDP shards the width.')
+  if m.get('position_index', 'slot') not in sequence.POSITION_INDEX:
+    raise ValueError(f'config.model.position_index={m.position_index!r}; '
+                     f'choose one of {sequence.POSITION_INDEX}.')
   if not 0.0 <= m.label_dropout < 1.0:
     raise ValueError(f'config.model.label_dropout={m.label_dropout} must be '
                      'in [0, 1).')

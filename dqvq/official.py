@@ -41,9 +41,11 @@ NOTES = {'dqvae': [
     'dropped', 'loss.* (LPIPS, discriminator) is training-only: not imported'],
           'transformer': [
     'pads are hidden as attention keys (the official model attends to them)',
-    'fixed-capacity streams: the fine stream starts at the same slot for every '
-    'image (the official: after the longest coarse stream of the batch), so '
-    'fine tokens read other pos_emb rows than in the official training',
+    "compact absolute positions (config.model.position_index='compact'): each "
+    "token reads the pos_emb row the official gives it on that image alone, "
+    "and the coarse eos is told the fine sos (the official's batch pads the "
+    'coarse stream to its longest, which moves the fine rows with the batch: '
+    'not copied)',
     'sampling is dqvq.sampling, without the official sampler quirks']}
 
 
@@ -429,7 +431,9 @@ def transformer_config(shapes: Shapes, tokenizer_config: Any, *,
       mlp_ratio=hidden // width, num_classes=num_classes, label_dropout=0.0,
       embed_dropout=float(p.get('embd_pdrop', 0.1)),
       attn_dropout=float(p.get('attn_pdrop', 0.1)),
-      resid_dropout=float(p.get('resid_pdrop', 0.1))))
+      resid_dropout=float(p.get('resid_pdrop', 0.1)),
+      # The absolute positions the official trained with (dqvq.sequence).
+      position_index='compact'))
   c.data.resolution = int(res)
   c.data.name = tokenizer_config.data.name
   return c

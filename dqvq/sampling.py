@@ -279,6 +279,14 @@ def _cover(covered: Array, cell: Array, hit: Array, k: Array,
   return covered | (under & hit[:, None])
 
 
+def _teacher_forced(apply: Callable[..., Any], streams: dict[str, Array],
+                    layout: sequence.StreamLayout) -> tuple[Array, Array]:
+  """The full forward over (B, L) buffers, as training runs it (naive)."""
+  io = sequence.model_inputs(streams, layout)
+  return apply(io['inputs'], io['targets']['position'],
+               io['targets']['grain'], next_pad=io['targets']['pad'])
+
+
 def make_sampler(model: transformer_lib.DQTransformer, config: SamplingConfig,
                  naive: bool = False, max_steps: int | None = None,
                  key_bucket: int = 256, noise_chunk: int = 64
@@ -331,7 +339,9 @@ def make_sampler(model: transformer_lib.DQTransformer, config: SamplingConfig,
           'position': jnp.where(is_sos, cells[k] + 2 +
                                 model_labels, dbl(col('position', cur))),
           'grain': jnp.full((model_labels.shape[0],), k, jnp.int32),
-          'pad': dbl(col('pad', cur))}
+          'pad': dbl(col('pad', cur)),
+          'abs_index': dbl(jax.lax.dynamic_index_in_dim(
+              lay.absolute_index(buf['pad']), cur, 1, keepdims=False))}
       # Keys of slots 0..extent-1 (the cache's length in this phase).
       key_valid = dbl(~buf['pad'][:, :extent] & (jnp.arange(extent) <= cur))
       if noise is None:
@@ -344,9 +354,7 @@ def make_sampler(model: transformer_lib.DQTransformer, config: SamplingConfig,
         full = {n: dbl(buf[n]) for n in ('content', 'position', 'pad')}
         full = relabel(full, lay, model_labels)
         full['grain'] = jnp.broadcast_to(grain_ids, full['pad'].shape)
-        pos_logits = apply({n: x[:, :-1] for n, x in full.items()},
-                           full['position'][:, 1:], full['grain'][:, 1:],
-                           next_pad=full['pad'][:, 1:])[0][:, cur]
+        pos_logits = _teacher_forced(apply, full, lay)[0][:, cur]
       else:
         pos_logits, h_p, cache_p = apply(
             tokens, cur, key_valid, state['cache']['position'],
@@ -359,24 +367,30 @@ def make_sampler(model: transformer_lib.DQTransformer, config: SamplingConfig,
           config.top_p_position)
       pos = _choose(np_, pos_logits)
       is_eos = pos == cells[k] + 1
-      # What the content stack is told at cur: the sampled position, or
-      # after an eos the next stream's sos when it follows, else a pad.
-      boundary = cur + 1 == starts[k + 1]
+      # What the content stack is told at cur: the sampled position; after
+      # an eos the next stream's sos (compact), or (slot) that sos when it
+      # is the next slot, else a pad. `sequence.model_inputs`' targets.
       next_k = jnp.minimum(k + 1, k_all - 1)
       sos_next = cells[next_k] + 2 + model_labels
-      next_pos = jnp.where(dbl(at_eos), jnp.where(
-          boundary, sos_next, cells[k]), dbl(pos))
-      next_pad = dbl(~sampling) & ~(dbl(at_eos) & boundary)
-      next_grain = jnp.full_like(next_pos, grain_ids[jnp.minimum(cur + 1,
-                                                                 t_in)])
+      if lay.compact:
+        next_pos = jnp.where(dbl(at_eos), sos_next, dbl(pos))
+        next_pad = dbl(~live)
+        next_grain = jnp.where(dbl(at_eos), next_k, k)
+      else:
+        boundary = cur + 1 == starts[k + 1]
+        next_pos = jnp.where(dbl(at_eos), jnp.where(
+            boundary, sos_next, cells[k]), dbl(pos))
+        next_pad = dbl(~sampling) & ~(dbl(at_eos) & boundary)
+        next_grain = jnp.full_like(next_pos, grain_ids[jnp.minimum(cur + 1,
+                                                                   t_in)])
       if naive:
-        full['position'] = jax.lax.dynamic_update_index_in_dim(
-            full['position'], next_pos, cur + 1, 1)
-        full['pad'] = jax.lax.dynamic_update_index_in_dim(
-            full['pad'], next_pad, cur + 1, 1)
-        con_logits = apply({n: x[:, :-1] for n, x in full.items()},
-                           full['position'][:, 1:], full['grain'][:, 1:],
-                           next_pad=full['pad'][:, 1:])[1][:, cur]
+        # Slot cur+1 as the sampling lanes will write it below.
+        write = lambda name, new: jax.lax.dynamic_update_index_in_dim(
+            full[name], jnp.where(dbl(sampling), new, full[name][:, cur + 1]),
+            cur + 1, 1)
+        full['position'] = write('position', dbl(pos))
+        full['pad'] = write('pad', False)
+        con_logits = _teacher_forced(apply, full, lay)[1][:, cur]
         cache = state['cache']
       else:
         con_logits, cache_c = apply(

@@ -19,12 +19,26 @@ dropout the class id `num_classes` is the null class used for classifier-free
 guidance.
 
 Unlike the official code, which pads the coarse stream to the longest one in
-the batch, every granularity has a fixed capacity, so a token's absolute
-position (and therefore its learned position embedding) never depends on the
-other images in the batch, and the shapes are static under jit. The default
-capacity is the largest possible count (every region at that granularity);
-a smaller capacity truncates longer streams (no eos is written) and the
-`truncated` flag reports it.
+the batch, every granularity has a fixed capacity, so the shapes are static
+under jit. The default capacity is the largest possible count (every region
+at that granularity); a smaller capacity truncates longer streams (no eos is
+written) and the `truncated` flag reports it.
+
+Slots need not be positions (`position_index`). With 'slot' (dqvq's
+default) a token's absolute position (the row of the learned `pos_emb` table
+it reads) is its slot, so every stream starts at a fixed row, and each slot
+predicts slot + 1 (the last pad of a stream predicts the next stream's sos).
+With 'compact' the absolute position is the token's index in its own
+image's sequence with the pads left out, and each token predicts the next
+non-pad token (after an eos: the next stream's sos). That is exactly what
+the official StackGPT sees for every single image, so converted official
+generators use it (`dqvq.official`), and it never depends on the other
+images in the batch (the official pads the coarse stream to the batch's
+longest, a batch-dependent quirk not copied). Trained from scratch on the
+demo, compact lost a little: stage-2 validation loss 4.798 against 4.773
+for slot, almost all of it in the fine positions (0.785 against 0.750),
+which under slot positions can read their index within the fine stream
+straight off the table.
 """
 
 from __future__ import annotations
@@ -51,12 +65,16 @@ class StreamLayout:
       guidance (the label-dropout token).
     capacities: max tokens per granularity, excluding sos/eos; None = all
       cells of that granularity's grid (never truncates).
+    position_index: 'slot' (absolute position = slot, dqvq's own) or
+      'compact' (only non-pad tokens count, as the official does on each
+      image); see the module docstring.
   """
   grid_sizes: tuple[int, ...]
   codebook_size: int
   num_classes: int = 0
   null_class: bool = False
   capacities: tuple[int, ...] | None = None
+  position_index: str = 'slot'
 
   def __post_init__(self):
     sizes = tuple(self.grid_sizes)
@@ -72,6 +90,9 @@ class StreamLayout:
             f'each in 1..cells of its grid {[s * s for s in sizes]}.')
     if self.null_class and not self.num_classes:
       raise ValueError('null_class (label dropout) needs num_classes > 0.')
+    if self.position_index not in POSITION_INDEX:
+      raise ValueError(f'position_index={self.position_index!r}; choose one of '
+                       f'{POSITION_INDEX} (config.model.position_index).')
 
   @property
   def num_grains(self) -> int:
@@ -123,11 +144,30 @@ class StreamLayout:
     return jnp.concatenate([jnp.full((n,), k, jnp.int32)
                             for k, n in enumerate(self.stream_lengths)])
 
+  @property
+  def compact(self) -> bool:
+    return self.position_index == 'compact'
+
+  def absolute_index(self, pad: Array) -> Array:
+    """(B, T) row of the absolute position table for slots 0..T-1.
+
+    Compact: the number of non-pad slots before each slot (pad slots get
+    their predecessor's index; they embed to zero anyway). Slot: the slot.
+    """
+    t = pad.shape[-1]
+    if not self.compact:
+      return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), pad.shape)
+    return jnp.maximum(jnp.cumsum(~pad, axis=-1, dtype=jnp.int32) - 1, 0)
+
+
+POSITION_INDEX = ('compact', 'slot')
+
 
 def layout_for(grain_factors: Sequence[int], resolution: int,
                codebook_size: int, num_classes: int = 0,
                null_class: bool = False,
-               capacities: Sequence[int] | None = None) -> StreamLayout:
+               capacities: Sequence[int] | None = None,
+               position_index: str = 'slot') -> StreamLayout:
   """The layout of a DQ-VAE with `grain_factors` (coarse to fine)."""
   for f in grain_factors:
     if resolution % f:
@@ -135,7 +175,8 @@ def layout_for(grain_factors: Sequence[int], resolution: int,
                        f'grain factor {f}.')
   return StreamLayout(tuple(resolution // f for f in grain_factors),
                       codebook_size, num_classes, null_class,
-                      tuple(capacities) if capacities else None)
+                      tuple(capacities) if capacities else None,
+                      position_index)
 
 
 def _grain_of_cells(grain_map: Array, layout: StreamLayout, k: int) -> Array:
@@ -256,10 +297,30 @@ def grain_map_from_streams(position: Array, layout: StreamLayout) -> Array:
   return out
 
 
-def model_inputs(streams: dict[str, Array]) -> dict[str, Array]:
-  """Teacher forcing: inputs are slots 0..T-2, targets slots 1..T-1."""
-  return {'inputs': {k: streams[k][:, :-1]
-                     for k in ('content', 'position', 'grain', 'pad')},
-          'targets': {k: streams[k][:, 1:]
-                      for k in ('content', 'position', 'grain', 'pad')}}
+def model_inputs(streams: dict[str, Array],
+                 layout: StreamLayout) -> dict[str, Array]:
+  """Teacher forcing: inputs are slots 0..T-2 and their targets.
+
+  Slot layouts target slots 1..T-1. Compact layouts target, for every
+  non-pad slot, the next non-pad slot (after an eos: the next stream's sos,
+  the official's boundary); pad slots and the last token target nothing
+  (their target is flagged pad). The content stack is told each target's
+  position, so the eos slot is told the next stream's sos, as in the
+  official.
+  """
+  names = ('content', 'position', 'grain', 'pad')
+  inputs = {k: streams[k][:, :-1] for k in names}
+  if not layout.compact:
+    return {'inputs': inputs, 'targets': {k: streams[k][:, 1:] for k in names}}
+  pad = streams['pad']
+  t = pad.shape[1]
+  # nxt[s] = the first non-pad slot after s (t if none).
+  real = jnp.where(pad, t, jnp.arange(t, dtype=jnp.int32))
+  after = jax.lax.cummin(real, axis=1, reverse=True)
+  nxt = jnp.concatenate([after[:, 1:], jnp.full_like(after[:, :1], t)], 1)
+  nxt = nxt[:, :-1]
+  gather = lambda a: jnp.take_along_axis(a, jnp.minimum(nxt, t - 1), axis=1)
+  targets = {k: gather(streams[k]) for k in ('content', 'position', 'grain')}
+  targets['pad'] = inputs['pad'] | (nxt >= t)
+  return {'inputs': inputs, 'targets': targets}
 

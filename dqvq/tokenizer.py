@@ -75,6 +75,12 @@ class Tokenizer:
   def decode(self, codes: Array, *, check_inputs: bool = True) -> Array:
     """Code map (B, G, G) -> images in [-1, 1].
 
+    The decoder's output is clipped to [-1, 1], the range of every image
+    this project reads or writes. The official decoder returns it unclipped
+    (about 1% of its pixels lie outside on random-init parity runs); to
+    compare raw arrays with it, apply `vae.decode_codes` instead
+    (tests/test_official_parity.py does).
+
     `check_inputs` (default True) refuses non-integer codes and ids outside
     [0, codebook_size), which the codebook lookup would turn into NaN
     images; see `check_codes` (values only outside jit, as for `encode`).

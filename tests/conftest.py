@@ -86,3 +86,35 @@ def stage2_workdir(stage1_workdir, demo_data_dir, tmp_path_factory) -> str:
   workdir = str(tmp_path_factory.mktemp('stage2'))
   loop.train_and_evaluate(c, workdir)
   return workdir
+
+
+def cached_logits(model, params, io):
+  """Teacher-forced logits of every input slot through the KV-cached decode
+  steps, fed as the sampler feeds them: the true token at each slot, its
+  `layout.absolute_index`, and the target's position for the content stack.
+  `io` is `sequence.model_inputs`' output; returns (B, T, P) and (B, T, C).
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  inp, tgt = io['inputs'], io['targets']
+  abs_index = model.layout.absolute_index(inp['pad'])
+  b, t_in = inp['pad'].shape
+
+  @jax.jit
+  def step(cache, t):
+    tok = {n: inp[n][:, t] for n in inp}
+    tok['abs_index'] = abs_index[:, t]
+    valid = ~inp['pad'] & (jnp.arange(t_in) <= t)
+    p, h, cp = model.apply({'params': params}, tok, t, valid,
+                           cache['position'], method=model.decode_position)
+    c, cc = model.apply({'params': params}, h, tgt['position'][:, t],
+                        tgt['grain'][:, t], tgt['pad'][:, t], t, valid,
+                        cache['content'], method=model.decode_content)
+    return {'position': cp, 'content': cc}, p, c
+
+  cache = model.init_cache(b, t_in)
+  pos, con = [], []
+  for t in range(t_in):
+    cache, p, c = step(cache, jnp.int32(t))
+    pos.append(p)
+    con.append(c)
+  return jnp.stack(pos, 1), jnp.stack(con, 1)

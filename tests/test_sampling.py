@@ -4,6 +4,7 @@ Tiny random-param models (N(0, 0.3) weights, so every path moves the
 logits) on toy layouts keep every check to a few seconds on CPU.
 """
 
+import dataclasses
 import functools
 import os
 
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import cached_logits
 from conftest import load_config
 from dqvq import sampling
 from dqvq import sequence
@@ -77,40 +79,23 @@ def _check_streams(out, layout, floors=None, caps=None):
   assert fine * fine >= 1
 
 
-def test_decode_matches_full_forward():
+@pytest.mark.parametrize('position_index', ['compact', 'slot'])
+def test_decode_matches_full_forward(position_index):
   """KV-cached position/content logits == the teacher-forced forward."""
-  layout = TRIPLE_CFG
+  layout = dataclasses.replace(TRIPLE_CFG, position_index=position_index)
   model, params = _model_and_params(layout)
   rng = np.random.default_rng(0)
   gmaps = rng.integers(0, 3, (2, 2, 2)).astype(np.int32)
   codes = rng.integers(0, 16, (2, 8, 8)).astype(np.int32)
   streams = sequence.encode(codes, gmaps, layout, jnp.array([1, 3]))
-  io = sequence.model_inputs(streams)
+  io = sequence.model_inputs(streams, layout)
   inp, tgt = io['inputs'], io['targets']
   want_p, want_c = model.apply({'params': params}, inp, tgt['position'],
                                tgt['grain'], next_pad=tgt['pad'])
-  t_in = layout.length - 1
-
-  @jax.jit
-  def step(cache, t):
-    tok = {n: inp[n][:, t] for n in inp}
-    valid = ~inp['pad'] & (jnp.arange(t_in) <= t)
-    p, h, cp = model.apply({'params': params}, tok, t, valid,
-                           cache['position'], method=model.decode_position)
-    c, cc = model.apply({'params': params}, h, tgt['position'][:, t],
-                        tgt['grain'][:, t], tgt['pad'][:, t], t, valid,
-                        cache['content'], method=model.decode_content)
-    return {'position': cp, 'content': cc}, p, c
-
-  cache = model.init_cache(2)
-  got_p, got_c = [], []
-  for t in range(t_in):
-    cache, p, c = step(cache, jnp.int32(t))
-    got_p.append(p)
-    got_c.append(c)
-  np.testing.assert_allclose(np.stack(got_p, 1), want_p, atol=2e-4,
+  got_p, got_c = cached_logits(model, params, io)
+  np.testing.assert_allclose(got_p, want_p, atol=2e-4,
                              rtol=2e-4)
-  np.testing.assert_allclose(np.stack(got_c, 1), want_c, atol=2e-4,
+  np.testing.assert_allclose(got_c, want_c, atol=2e-4,
                              rtol=2e-4)
 
 
@@ -121,7 +106,12 @@ def test_decode_matches_full_forward():
     (TRIPLE_CFG, sampling.SamplingConfig(
         top_k_content=5, top_p_position=0.9, temperature_content=0.8,
         max_codes=(3, 10, 64))),
-], ids=['dual-uncond', 'dual-cfg-greedy', 'triple-cond-topkp'])
+    (dataclasses.replace(TRIPLE_CFG, position_index='compact'),
+     sampling.SamplingConfig(seed=2, max_codes=(3, 10, 64))),
+    (dataclasses.replace(DUAL_CFG, position_index='compact'),
+     sampling.SamplingConfig(cfg_scale_content=2.0, seed=3)),
+], ids=['dual-uncond', 'dual-cfg-greedy', 'triple-cond-topkp',
+        'triple-compact', 'dual-cfg-compact'])
 def test_cached_equals_naive(layout, config):
   model, params = _model_and_params(layout)
   labels = _labels(layout, 4)

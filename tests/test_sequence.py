@@ -6,6 +6,7 @@ the official `DualGrainSeperatePermuter` + `Dualformer.forward` streams
 fixed per-granularity capacities, never from the output of `dqvq.sequence`.
 """
 
+import dataclasses
 import jax
 import numpy as np
 import pytest
@@ -419,9 +420,9 @@ def test_pad_flag_marks_pad_id_slots(capacities):
 def test_model_inputs_shift_by_one():
   v, grid_sizes = 16, (2, 4, 8)
   codes, gmaps = _random_batch(7, grid_sizes, v)
-  lay = sequence.StreamLayout(grid_sizes, v)
+  lay = sequence.StreamLayout(grid_sizes, v, position_index='slot')
   s = _encode(codes, gmaps, lay)
-  mi = sequence.model_inputs(s)
+  mi = sequence.model_inputs(s, lay)
   for key in ('content', 'position', 'grain', 'pad'):
     full = np.asarray(s[key])
     inp, tgt = np.asarray(mi['inputs'][key]), np.asarray(mi['targets'][key])
@@ -430,6 +431,47 @@ def test_model_inputs_shift_by_one():
     np.testing.assert_array_equal(tgt, full[:, 1:])
     # Target t is input t + 1.
     np.testing.assert_array_equal(tgt[:, :-1], inp[:, 1:])
+
+
+@pytest.mark.parametrize('grid_sizes,capacities', [
+    ((2, 4, 8), None), ((2, 4, 8), (3, 9, 64)), ((4, 8), (5, 64))])
+def test_compact_model_inputs_are_the_official_sequence(grid_sizes,
+                                                        capacities):
+  """Compact teacher forcing is the official one on each image alone.
+
+  Dropping every pad slot from an image's inputs and targets leaves, in
+  order, its compact sequence s (sos, tokens, eos per stream) as inputs
+  s[:-1] and targets s[1:]; the absolute index counts those inputs 0, 1, ...
+  Pad slots target nothing. This is the official StackGPT on an unpadded
+  image (reference 2.3, the worked alignment table).
+  """
+  v = 16
+  codes, gmaps = _random_batch(7, grid_sizes, v)
+  lay = sequence.StreamLayout(grid_sizes, v, capacities=capacities,
+                              position_index='compact')
+  s = _encode(codes, gmaps, lay)
+  mi = sequence.model_inputs(s, lay)
+  index = np.asarray(lay.absolute_index(mi['inputs']['pad']))
+  in_pad = np.asarray(mi['inputs']['pad'])
+  tgt_pad = np.asarray(mi['targets']['pad'])
+  assert np.all(tgt_pad[in_pad])  # pads predict nothing
+  for i in range(len(gmaps)):
+    real = ~np.asarray(s['pad'][i])
+    for key in ('content', 'position', 'grain'):
+      seq = np.asarray(s[key][i])[real]
+      keep = ~tgt_pad[i]
+      np.testing.assert_array_equal(
+          np.asarray(mi['inputs'][key][i])[keep], seq[:-1], err_msg=key)
+      np.testing.assert_array_equal(
+          np.asarray(mi['targets'][key][i])[keep], seq[1:], err_msg=key)
+    np.testing.assert_array_equal(index[i][~tgt_pad[i]],
+                                  np.arange(real.sum() - 1))
+  # Some image has pads between a stream's eos and the next sos, so the
+  # compact targets differ from the slot shift.
+  slot = sequence.model_inputs(s, dataclasses.replace(lay,
+                                                      position_index='slot'))
+  assert np.any(np.asarray(slot['targets']['content']) !=
+                np.asarray(mi['targets']['content']))
 
 
 @pytest.mark.parametrize('kwargs', [
@@ -442,6 +484,7 @@ def test_model_inputs_shift_by_one():
     dict(grid_sizes=(4, 8), codebook_size=8, capacities=(4, 65)),
     dict(grid_sizes=(4, 8), codebook_size=8, capacities=(4,)),
     dict(grid_sizes=(4, 8), codebook_size=8, null_class=True),
+    dict(grid_sizes=(4, 8), codebook_size=8, position_index='row'),
 ])
 def test_bad_layouts_raise(kwargs):
   with pytest.raises(ValueError):

@@ -1,5 +1,6 @@
 """Stage-2 training: smoke runs, the two-stage demo, FSDP, resume, pads."""
 
+import dataclasses
 import os
 
 import flax.linen as nn
@@ -151,6 +152,7 @@ def test_loss_ignores_pads(stage1_workdir, demo_data_dir):
   c, tok, models, state, batch = _models_state_batch(stage1_workdir,
                                                      demo_data_dir)
   codes = tok.encode(batch['image'])
+  assert models.layout.position_index == 'slot'  # the config's default
   lay = models.layout
   # The bottom row of regions coarse: the finest stream then needs at most
   # its capacity minus 16 slots, so the smaller layout below truncates none.
@@ -160,7 +162,7 @@ def test_loss_ignores_pads(stage1_workdir, demo_data_dir):
   def loss(layout, params):
     streams = sequence.encode(codes['codes'], codes['grain_map'], layout,
                               batch['label'])
-    io = sequence.model_inputs(streams)
+    io = sequence.model_inputs(streams, layout)
     model = models.model.clone(layout=layout)
     pos, con = model.apply({'params': params}, io['inputs'],
                            io['targets']['position'], io['targets']['grain'])
@@ -168,27 +170,41 @@ def test_loss_ignores_pads(stage1_workdir, demo_data_dir):
     return losses.token_losses(losses.token_loss_sums(
         pos, con, io['targets'], layout.num_grains), layout.num_grains)
 
-  base = loss(lay, state.params)
-  # The full layout has `drop` more trailing pad slots than this one.
-  smaller = sequence.StreamLayout(
-      lay.grid_sizes, lay.codebook_size, lay.num_classes, lay.null_class,
-      capacities=lay.num_cells[:-1] + (lay.num_cells[-1] - drop,))
-  assert smaller.length == lay.length - drop
-  streams = sequence.encode(codes['codes'], codes['grain_map'], smaller,
-                            batch['label'])
-  assert not bool(streams['truncated'].any())  # the test needs no truncation
-  params = jax.tree.map(lambda x: x, state.params)
+  def assert_same(a, b):
+    for k in a:
+      np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]),
+                                 rtol=1e-5, atol=1e-6, err_msg=k)
+
   noise = lambda k, shape: jax.random.normal(jax.random.key(k), shape)
+  clean = jax.tree.map(lambda x: x, state.params)
+  clean['pos_emb'] = noise(5, clean['pos_emb'].shape)  # init is zeros
+  params = jax.tree.map(lambda x: x, clean)  # new pad rows
   emb = params['content_emb']['embedding']
   params['content_emb']['embedding'] = emb.at[lay.codebook_size].set(
       noise(3, emb.shape[1:]))
   fine = params['content_fine_pos_emb']['embedding']
   params['content_fine_pos_emb']['embedding'] = fine.at[lay.num_cells[-1]].set(
       noise(4, fine.shape[1:]))
-  other = loss(smaller, params)
-  for k in base:
-    np.testing.assert_allclose(np.asarray(base[k]), np.asarray(other[k]),
-                               rtol=1e-5, atol=1e-6, err_msg=k)
+  for mode in ('slot', 'compact'):
+    full = dataclasses.replace(lay, position_index=mode)
+    # The full layout has `drop` more trailing pad slots than this one.
+    smaller = dataclasses.replace(
+        full, capacities=lay.num_cells[:-1] + (lay.num_cells[-1] - drop,))
+    assert smaller.length == lay.length - drop
+    streams = sequence.encode(codes['codes'], codes['grain_map'], smaller,
+                              batch['label'])
+    assert not bool(streams['truncated'].any())  # the test needs none
+    assert_same(loss(full, clean), loss(smaller, params))
+  # Compact positions (the official's): the pads between a stream's eos and
+  # the next sos change nothing either; slot positions move the fine tokens.
+  coarse = int(jnp.max(jnp.sum(codes['grain_map'] == 0, axis=(1, 2))))
+  assert 0 < coarse < lay.num_cells[0]
+  tight = dataclasses.replace(smaller, capacities=(coarse,) + tuple(
+      smaller.capacities[1:]))
+  assert_same(loss(full, params), loss(tight, params))
+  slot = lambda l: dataclasses.replace(l, position_index='slot')
+  assert abs(float(loss(slot(full), params)['loss']) -
+             float(loss(slot(tight), params)['loss'])) > 1e-4
 
 
 def test_weight_decay_only_on_linear_kernels(stage1_workdir, demo_data_dir):

@@ -29,9 +29,9 @@ def _streams(layout, batch=3, seed=0, labels=None):
   return _encode(codes, gmaps, layout, labels)
 
 
-def _model_args(streams):
+def _model_args(streams, layout):
   """(inputs, next_position, next_grain) for teacher forcing."""
-  io = sequence.model_inputs(streams)
+  io = sequence.model_inputs(streams, layout)
   return io['inputs'], io['targets']['position'], io['targets']['grain']
 
 
@@ -157,7 +157,7 @@ def test_no_information_from_the_future(grid_sizes):
   """
   layout = sequence.StreamLayout(grid_sizes, 16)
   model = _tiny(layout)
-  args = _model_args(_streams(layout))
+  args = _model_args(_streams(layout), layout)
   params = _randomized_params(model, args)
   apply = jax.jit(model.apply)
   inputs, next_pos, next_grain = args
@@ -215,34 +215,39 @@ def test_attention_mask_is_causal_and_hides_pad_keys():
 # ----------------------------------------------------------------------------
 
 
-def test_pads_do_not_affect_real_tokens():
+@pytest.mark.parametrize('position_index', ['compact', 'slot'])
+def test_pads_do_not_affect_real_tokens(position_index):
   """Pad keys are masked, so nothing about a pad slot reaches real tokens.
 
   Checked at every slot that matters: real inputs, and slots whose target
-  counts in the loss (the last pad of a stream predicts the next stream's
-  sos). One path is by design and excluded: the content stack at slot t is
-  given next_position[t], which at a stream's eos slot is the following pad
-  (official alignment table, reference 2.3), so the position tables' pad
-  rows reach the eos slot's content state and, through it as a key, later
-  content logits. Each perturbation is shown to matter once the pad flags
-  are cleared, so the checks pass because of the masking.
+  counts in the loss (slot layouts: the last pad of a stream predicts the
+  next stream's sos). With slot positions one path is by design and
+  excluded: the content stack at slot t is given next_position[t], which at
+  a stream's eos slot is the following pad, so the position tables' pad rows
+  reach the eos slot's content state and, through it as a key, later content
+  logits. Compact layouts give the eos slot the next stream's sos (the
+  official alignment table, reference 2.3), so there no pad row reaches
+  anything. Each perturbation is shown to matter once the pad flags are
+  cleared, so the checks pass because of the masking.
   """
-  layout = sequence.StreamLayout((2, 4), 16, num_classes=3)
+  layout = sequence.StreamLayout((2, 4), 16, num_classes=3,
+                                 position_index=position_index)
   streams = _streams(layout, batch=4, labels=np.array([0, 1, 2, 1]))
   model = _tiny(layout)
-  args = _model_args(streams)
+  args = _model_args(streams, layout)
   params = _randomized_params(model, args)
   apply = jax.jit(model.apply)
   run = lambda p, a: tuple(np.asarray(x) for x in apply(p, *a))
   unflag = lambda a: ({**a[0], 'pad': np.zeros_like(a[0]['pad'])},) + a[1:]
   pos0, con0 = run(params, args)
   pos0_u, con0_u = run(params, unflag(args))
-  io = sequence.model_inputs(streams)
+  io = sequence.model_inputs(streams, layout)
   in_pad = np.asarray(io['inputs']['pad'])
   next_pad = np.asarray(io['targets']['pad'])
   keep = ~in_pad | ~next_pad  # real input, or a target the loss counts
   assert in_pad.sum() > 4 and (~in_pad).sum() > 4
-  assert (in_pad & ~next_pad).any()  # a last pad before the next sos
+  # Slot: a last pad predicts the next sos; compact: pads predict nothing.
+  assert (in_pad & ~next_pad).any() == (position_index == 'slot')
   rng = np.random.default_rng(3)
 
   def with_row(p, name, row):
@@ -270,6 +275,10 @@ def test_pads_do_not_affect_real_tokens():
   pos1, con1 = run(p, args)
   np.testing.assert_allclose(pos1[keep], pos0[keep], atol=1e-5)
   before_eos = np.cumsum(~in_pad & next_pad, axis=1) == 0
+  if position_index == 'compact':
+    # Only the last stream's eos, which predicts nothing, is told a pad:
+    # every logit the loss counts is exact.
+    before_eos = ~next_pad
   assert (keep & before_eos).sum() > 4
   np.testing.assert_allclose(con1[keep & before_eos], con0[keep & before_eos],
                              atol=1e-5)
@@ -308,7 +317,7 @@ def test_every_matrix_and_table_is_sharded_over_embed():
   """FSDP shards the model width: every weight matrix/table names 'embed'."""
   layout = sequence.StreamLayout((2, 4, 8), 16, num_classes=2)
   model = _tiny(layout)
-  args = _model_args(_streams(layout, labels=np.array([0, 1, 1])))
+  args = _model_args(_streams(layout, labels=np.array([0, 1, 1])), layout)
   boxed = jax.eval_shape(model.init, {'params': jax.random.key(0)}, *args)
   specs = nn.get_partition_spec(boxed)['params']
   shapes = nn.unbox(boxed)['params']
@@ -388,7 +397,7 @@ def test_self_attention_paths_match_reference():
 def test_model_dropout():
   """train=True draws new dropout masks per key; train=False is exact."""
   layout = sequence.StreamLayout((2, 4), 16)
-  args = _model_args(_streams(layout))
+  args = _model_args(_streams(layout), layout)
   drop_model = _tiny(layout, embed_dropout=0.1, attn_dropout=0.1,
                      resid_dropout=0.1)
   plain = _tiny(layout)
@@ -439,7 +448,8 @@ def test_remat_keeps_params_outputs_and_gradients():
   parameter tree (checkpoints interchange), logits and gradients, and the
   KV-cached decode path still runs."""
   layout = sequence.StreamLayout((2, 4), 16, num_classes=3)
-  args = _model_args(_streams(layout, batch=2, labels=np.array([0, 2])))
+  args = _model_args(_streams(layout, batch=2, labels=np.array([0, 2])),
+                     layout)
   plain, remat = _tiny(layout), _tiny(layout, remat=True)
   params = _randomized_params(plain, args)
   shapes = jax.eval_shape(functools.partial(remat.init),

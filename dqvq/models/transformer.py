@@ -14,9 +14,12 @@ every granularity, each granularity has its own position table, and the
 position head scores every granularity over the finest vocabulary, as the
 official does.
 
-Two deliberate differences from the official code: pads are masked out as
-attention keys (the official attends to them), so what an image's tokens see
-never depends on how much padding its layout has; and attention goes through
+Absolute positions (`abs_pos`) are read at `layout.absolute_index`: the slot
+(dqvq's default), or with `position_index='compact'` the row the official
+gives each token, pads left out (converted official generators). Two deliberate differences from the official code: pads are
+masked out as attention keys (the official attends to them), so what an
+image's tokens see never depends on how much padding its layout has; and
+attention goes through
 `jax.nn.dot_product_attention` so accelerators get fused kernels (dropout on
 attention probabilities, which the fused path cannot do, falls back to an
 explicit softmax in training).
@@ -243,15 +246,16 @@ class DQTransformer(nn.Module):
     return out
 
   def embed_tokens(self, content: Array, position: Array, grain: Array,
-                   pad: Array | None = None, offset: int | Array = 0) -> Array:
-    """Input embedding of tokens at absolute slots offset, offset+1, ...
+                   pad: Array | None, abs_index: Array) -> Array:
+    """Input embedding of (B, T) tokens at rows `abs_index` of `pos_emb`.
 
-    Pad slots embed to zero: they are hidden as attention keys, and the one
-    pad slot whose output is used (the last pad of a stream predicts the next
-    stream's sos) then depends on no pad embedding either.
+    `abs_index` is `layout.absolute_index` of the slots (see
+    `dqvq.sequence`). Pad slots embed to zero: they are hidden as attention
+    keys, and a pad slot whose output is used (slot layouts: the last pad of
+    a stream predicts the next stream's sos) then depends on no pad
+    embedding either.
     """
-    t = content.shape[1]
-    abs_pos = jax.lax.dynamic_slice_in_dim(self.pos_emb, offset, t, axis=1)
+    abs_pos = jnp.take(self.pos_emb[0], abs_index, axis=0)
     x = (self.content_emb(content) + self.position_embedding(position, grain)
          + self.seg_emb(grain) + abs_pos.astype(self.dtype or jnp.float32))
     return x if pad is None else jnp.where(pad[..., None], 0.0, x).astype(
@@ -286,7 +290,8 @@ class DQTransformer(nn.Module):
     """
     mask = attention_mask(inputs['pad'])
     x = self.embed_tokens(inputs['content'], inputs['position'],
-                          inputs['grain'], inputs['pad'])
+                          inputs['grain'], inputs['pad'],
+                          self.layout.absolute_index(inputs['pad']))
     x = self.embed_drop(x, deterministic=not train)
     for blk in self.position_blocks:
       x = blk(x, mask, train)
@@ -326,13 +331,15 @@ class DQTransformer(nn.Module):
                       ) -> tuple[Array, Array, list[tuple[Array, Array]]]:
     """Position stack on the (B,) tokens at input slot `slot` (a scalar).
 
+    `tokens` holds (B,) 'content', 'position', 'grain', 'pad' and
+    'abs_index' (each sample's `layout.absolute_index` at `slot`).
     Returns (position logits (B, P) float32, H_p (B, E), new cache): what the
     full forward gives at that slot, at one token's cost.
     """
     x = self.embed_tokens(tokens['content'][:, None],
                           tokens['position'][:, None],
                           tokens['grain'][:, None], tokens['pad'][:, None],
-                          offset=slot)
+                          tokens['abs_index'][:, None])
     new_cache = []
     for blk, layer_cache in zip(self.position_blocks, cache):
       x, layer_cache = blk(x, key_valid, False, layer_cache, slot)

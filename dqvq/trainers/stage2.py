@@ -60,7 +60,9 @@ def build_layout(config: ml_collections.ConfigDict,
   return sequence.layout_for(
       tok.vae.grain_factors, config.data.resolution, tok.vae.codebook_size,
       num_classes=m.num_classes, null_class=m.label_dropout > 0,
-      capacities=tuple(m.capacities) if m.capacities else None)
+      capacities=tuple(m.capacities) if m.capacities else None,
+      # A config from before the field trained with slot positions.
+      position_index=m.get('position_index', 'slot'))
 
 
 def build_models(config: ml_collections.ConfigDict,
@@ -135,7 +137,7 @@ def _forward(models, params, batch, tok, train, rngs=None):
   codes, grain_map = codes_of(batch, tok)
   labels = _labels(models, batch, rngs['label'] if rngs else None)
   streams = sequence.encode(codes, grain_map, models.layout, labels)
-  io = sequence.model_inputs(streams)
+  io = sequence.model_inputs(streams, models.layout)
   pos_logits, con_logits = models.model.apply(
       {'params': params}, io['inputs'], io['targets']['position'],
       io['targets']['grain'], train=train,
