@@ -120,25 +120,36 @@ def test_decode_codes_matches_forward():
 
 
 def test_reconstruction_gradient_reaches_gate():
-  """Paper Eq. 6: the chosen soft score scales the merged features."""
-  model = dqvae.DQVAE(**dqvae.tiny_kwargs())
+  """Both gate gradients reach the router with the same forward pass.
+
+  'scale' (paper Eq. 6): the chosen soft score scales the merged features;
+  'mixture': the straight-through mix of every grain's features. The
+  training forward is the same hard choice, so the loss is identical while
+  the router's gradient differs.
+  """
   x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
-  variables = jax.jit(model.init)(RNGS, x)
+  values, grads = {}, {}
+  for mode in dqvae.GATE_GRADIENTS:
+    model = dqvae.DQVAE(**dqvae.tiny_kwargs(), gate_gradient=mode)
+    variables = jax.jit(model.init)(RNGS, x)
 
-  @jax.jit
-  def loss(params):
-    out, _ = model.apply({**variables, 'params': params}, x, train=True,
-                         rngs=RNGS, mutable=['codebook'])
-    return jnp.mean(jnp.abs(out['reconstruction'] - x))
+    def loss(params, model=model, variables=variables):
+      out, _ = model.apply({**variables, 'params': params}, x, train=True,
+                           rngs=RNGS, mutable=['codebook'])
+      return jnp.mean(jnp.abs(out['reconstruction'] - x))
 
-  grads = jax.grad(loss)(variables['params'])
-  gate_grad = grads['grain_router']['gate_2']['linear']['kernel']
-  assert float(jnp.abs(gate_grad).sum()) > 0
+    values[mode], g = jax.jit(jax.value_and_grad(loss))(variables['params'])
+    grads[mode] = np.asarray(g['grain_router']['gate_2']['linear']['kernel'])
+    assert np.abs(grads[mode]).sum() > 0
+  np.testing.assert_allclose(values['scale'], values['mixture'], rtol=1e-6)
+  assert np.abs(grads['scale'] - grads['mixture']).max() > 1e-3 * np.abs(
+      grads['scale']).max()
 
 
 @pytest.mark.parametrize('kwargs,match', [
     (dict(grain_ratios=(0.6, 0.6)), 'sum to 1'),
     (dict(router='mystery'), 'Unknown router'),
+    (dict(gate_gradient='mystery'), 'Unknown gate_gradient'),
     (dict(grain_factors=(8, 16)), 'coarse to fine'),
     (dict(grain_factors=(16, 6)), 'power of two'),
     (dict(dec_ch_mult=(1, 2)), 'dec_ch_mult'),

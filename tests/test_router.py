@@ -109,6 +109,30 @@ def test_replication_puts_coarse_feature_on_whole_region(factors):
                 merged[b, fy, fx], src[b, fy // side, fx // side])
 
 
+@pytest.mark.parametrize('factors', [(16, 8), (32, 16, 8)])
+def test_mixture_is_the_merge_forward_and_compares_grains_backward(factors):
+  """gate_gradient='mixture': one-hot gate -> exactly `merge_grains`; the
+  gradient on gate k of a region is <dL/dmerged, features_k> summed over the
+  region's finest cells, so (fine - coarse) says which grain lowers L."""
+  feats = _features(jax.random.key(4), factors=factors)
+  k = len(factors)
+  gmap = jax.random.randint(jax.random.key(9), (2, 4, 4), 0, k)
+  one_hot = jax.nn.one_hot(gmap, k)
+  np.testing.assert_array_equal(
+      grain_lib.mix_grains(feats, one_hot, factors),
+      grain_lib.merge_grains(feats, gmap, factors))
+  w = jax.random.normal(jax.random.key(5), feats[-1].shape)
+  grad = np.asarray(jax.grad(lambda g: jnp.sum(
+      grain_lib.mix_grains(feats, g, factors) * w))(one_hot))
+  r = factors[0] // factors[-1]
+  for j, f in enumerate(factors):
+    rep = np.asarray(jnp.repeat(jnp.repeat(feats[j], f // factors[-1], 1),
+                                f // factors[-1], 2))
+    cells = (rep * np.asarray(w)).sum(-1)  # (B, H, W) on the finest grid
+    want = cells.reshape(2, 4, r, 4, r).sum((2, 4))
+    np.testing.assert_allclose(grad[..., j], want, rtol=1e-4, atol=1e-4)
+
+
 def test_code_weight_mask_values():
   gmap = jnp.array([[[0, 1], [2, 0]]])
   mask = np.asarray(grain_lib.code_weight_mask(gmap, (32, 16, 8)))

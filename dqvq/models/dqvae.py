@@ -31,6 +31,9 @@ from dqvq.models import router as router_lib
 Array = jax.Array
 
 
+GATE_GRADIENTS = ('scale', 'mixture')
+
+
 class DQVAE(nn.Module):
   """Dynamic-grained VQ autoencoder; one grain is plain VQGAN.
 
@@ -69,6 +72,16 @@ class DQVAE(nn.Module):
   router: str = 'feature'
   gate_type: str = 'mlp'
   gumbel_tau: float = 1.0
+  # How the reconstruction loss reaches the feature router in training (the
+  # forward pass is the same hard choice either way). 'scale': the paper's
+  # Eq. 6 and the official code, the merged features times the chosen soft
+  # score; its gradient only says whether the chosen branch should grow, not
+  # whether the other branch would do better, so the gate learns the budget
+  # but hardly a ranking (README, the study). 'mixture': the merged features
+  # are the straight-through mix sum_k gate_k * features_k, whose gradient
+  # on the logits is <dL/dz, features_fine - features_coarse>: which branch
+  # would lower the loss, region by region.
+  gate_gradient: str = 'scale'
   entropy_thresholds: str | tuple[float, ...] | None = None
   entropy_bin_range: tuple[float, float] = (-1.0, 1.0)
   entropy_num_bins: int = 32
@@ -111,6 +124,9 @@ class DQVAE(nn.Module):
     if self.router not in router_lib.ROUTERS:
       raise ValueError(f'Unknown router {self.router!r}; choose one of '
                        f'{router_lib.ROUTERS}.')
+    if self.gate_gradient not in GATE_GRADIENTS:
+      raise ValueError(f'Unknown gate_gradient {self.gate_gradient!r}; choose '
+                       f'one of {GATE_GRADIENTS}.')
     if self.router == 'none' and len(factors) > 1:
       raise ValueError("router='none' needs a single grain (plain VQGAN); "
                        'with several grains choose feature, entropy or random.')
@@ -164,9 +180,12 @@ class DQVAE(nn.Module):
           grain_map, jax.nn.one_hot(grain_map, self.num_grains))
     else:
       routing = self.route(x, features, train, grain_ratios)
-    merged = grain_lib.merge_grains(features, routing.grain_map,
-                                    self.grain_factors)
-    if routing.gate_scale is not None:
+    if routing.gate_scale is not None and self.gate_gradient == 'mixture':
+      merged = grain_lib.mix_grains(features, routing.gate, self.grain_factors)
+    else:
+      merged = grain_lib.merge_grains(features, routing.grain_map,
+                                      self.grain_factors)
+    if routing.gate_scale is not None and self.gate_gradient == 'scale':
       scale = layers.nearest_upsample(
           routing.gate_scale[..., None],
           self.grain_factors[0] // self.grain_factors[-1])

@@ -64,6 +64,29 @@ def merge_grains(features: Sequence[Array], grain_map: Array,
   return merged
 
 
+def mix_grains(features: Sequence[Array], gate: Array,
+               grain_factors: Sequence[int]) -> Array:
+  """sum_k gate_k * features_k on the finest grid.
+
+  With the feature router's straight-through gate (one-hot forward, the
+  Gumbel softmax's gradient) this is `merge_grains` in the forward pass, and
+  its gradient on the gate compares the grains' features (DQVAE
+  gate_gradient='mixture').
+
+  Args:
+    features: per-grain maps, coarse to fine, (B, H/f_k, W/f_k, C).
+    gate: (B, H/f_0, W/f_0, K) per-region weights.
+    grain_factors: the factors f_k, coarse to fine.
+  """
+  fine = grain_factors[-1]
+  weights = layers.nearest_upsample(gate, grain_factors[0] // fine)
+  merged = 0.0
+  for k, feat in enumerate(features):
+    rep = layers.nearest_upsample(feat, grain_factors[k] // fine)
+    merged = merged + weights[..., k:k + 1].astype(rep.dtype) * rep
+  return merged
+
+
 def code_weight_mask(grain_map: Array, grain_factors: Sequence[int]) -> Array:
   """Per finest-grid cell, 1 / (number of cells sharing its code).
 
