@@ -26,6 +26,9 @@ Legality (every emitted sample is a valid, complete code map):
     floors). If no cell is legal the eos is forced, which also happens at
     the stream's capacity (its last slot is always free for the eos).
 
+How each token is then chosen from its logits (guidance, temperature,
+top-k / top-p, the slot-keyed Gumbel draw) is `dqvq.token_choice`.
+
 `naive=True` gives the reference sampler: the same loop, keys and logits
 processing, but logits from the full teacher-forced forward over the
 buffers at every step (no cache), for testing the cache.
@@ -33,10 +36,7 @@ buffers at every step (no cache), for testing the cache.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
-import numbers
 from typing import Any, Callable
 
 import jax
@@ -44,82 +44,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from dqvq import sequence
+from dqvq import token_choice
 from dqvq.models import transformer as transformer_lib
+# Also this module's API (users and configs name `sampling.SamplingConfig`),
+# though they live with the rest of the token choice.
+# pylint: disable=g-importing-member
+from dqvq.token_choice import filter_logits
+from dqvq.token_choice import SamplingConfig
+# pylint: enable=g-importing-member
 
 Array = jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-  """How tokens are chosen (hashable: part of the compiled sampler's key).
-
-  cfg_scale_*: classifier-free guidance, logits = u + s (c - u), with u the
-    null-class logits (needs `layout.null_class`); 1.0 everywhere = off (the
-    conditional logits, one forward), 0.0 = the null-class logits.
-  min_codes / max_codes: per-granularity floors / caps on the number of
-    tokens (None = 0 / the stream capacity); see the module docstring.
-  temperature must be > 0; top_k 0 and top_p 1.0 turn those filters off.
-  seed: the key callers (the CLI, benchmarks) make; the compiled sampler
-    itself takes the key as an argument, folding in the slot index per step
-    (so the cached and naive samplers draw identically).
-  """
-  temperature_position: float = 1.0
-  temperature_content: float = 1.0
-  top_k_position: int = 0
-  top_k_content: int = 0
-  top_p_position: float = 1.0
-  top_p_content: float = 1.0
-  greedy: bool = False
-  cfg_scale_position: float = 1.0
-  cfg_scale_content: float = 1.0
-  min_codes: tuple[int, ...] | None = None
-  max_codes: tuple[int, ...] | None = None
-  seed: int = 0
-
-  def __post_init__(self):
-    """Refuses settings with no meaning here, before any sampler compiles.
-
-    Unchecked, a negative top_k or top_p of 0 would filter every token away
-    and a temperature of 0 divide by zero: the sampler would still return
-    streams, of whatever its masks leave. Count lists become tuples (the
-    config is a cache key, so it must hash).
-    """
-    number = lambda v: (isinstance(v, numbers.Real) and not isinstance(
-        v, (bool, np.bool_)) and math.isfinite(v))
-    integer = lambda v: isinstance(v, numbers.Integral) and not isinstance(
-        v, (bool, np.bool_))
-    rules = {
-        'temperature': (lambda v: number(v) and v > 0,
-                        'a finite number > 0 (greedy=True for argmax)'),
-        'top_k': (lambda v: integer(v) and v >= 0, 'an int >= 0 (0 = off)'),
-        'top_p': (lambda v: number(v) and 0 < v <= 1,
-                  'a number in (0, 1] (1.0 = off)'),
-        'cfg_scale': (number, 'a finite number (1.0 = no guidance)'),
-    }
-    for prefix, (ok, want) in rules.items():
-      for name in (f'{prefix}_position', f'{prefix}_content'):
-        if not ok(getattr(self, name)):
-          raise ValueError(f'SamplingConfig.{name}={getattr(self, name)!r}; '
-                           f'give {want}.')
-    if not isinstance(self.greedy, (bool, np.bool_)):
-      raise ValueError(f'SamplingConfig.greedy={self.greedy!r}; give a bool.')
-    if not integer(self.seed):
-      raise ValueError(f'SamplingConfig.seed={self.seed!r}; give an int.')
-    for name in ('min_codes', 'max_codes'):
-      counts = getattr(self, name)
-      if counts is None:
-        continue
-      counts = tuple(counts) if isinstance(
-          counts, (tuple, list, np.ndarray)) else None
-      if counts is None or not all(integer(c) and c >= 0 for c in counts):
-        raise ValueError(f'SamplingConfig.{name}={getattr(self, name)!r}; '
-                         'give None or one int >= 0 per granularity, coarse '
-                         'to fine.')
-      object.__setattr__(self, name, tuple(int(c) for c in counts))
-
-  @property
-  def guided(self) -> bool:
-    return self.cfg_scale_position != 1.0 or self.cfg_scale_content != 1.0
 
 
 def _budget_tables(layout: sequence.StreamLayout, config: SamplingConfig
@@ -173,72 +107,6 @@ def relabel(streams: dict[str, Array], layout: sequence.StreamLayout,
         layout.codebook_size + 2 + labels)
     out['position'] = out['position'].at[:, s].set(n_k + 2 + labels)
   return out
-
-
-def _below_kth(x: Array, k: int) -> Array:
-  """x < (k-th largest of x along -1), exactly, without a sort.
-
-  XLA:CPU lowers `lax.top_k` to a full sort; instead the k-th largest value's
-  order-preserving uint32 key is built 4 bits at a time (8 rounds of 15
-  counts): the largest key r with #(keys >= r) >= k.
-  """
-  x = x.astype(jnp.float32)
-  x = jnp.where(x == 0, 0.0, x)  # -0.0 -> +0.0 (they compare equal)
-  i = jax.lax.bitcast_convert_type(x, jnp.uint32)
-  u = jnp.where(i >> 31 == 1, ~i, i | jnp.uint32(1 << 31))  # monotone in x
-  r = jnp.zeros(x.shape[:-1] + (1,), jnp.uint32)
-  digits = jnp.arange(1, 16, dtype=jnp.uint32)
-  for shift in range(28, -1, -4):
-    cand = r | (digits << shift)  # (..., 15)
-    ok = jnp.sum(u[..., None, :] >= cand[..., None], -1) >= k
-    r = r | (jnp.sum(ok, -1, keepdims=True).astype(jnp.uint32) << shift)
-  return u < r
-
-
-def filter_logits(logits: Array, legal: Array, temperature: float,
-                  top_k: int, top_p: float) -> Array:
-  """Temperature, legality mask, top-k, then top-p (the official order)."""
-  logits = jnp.where(legal, logits / temperature, -jnp.inf)
-  if top_k and top_k < logits.shape[-1]:
-    logits = jnp.where(_below_kth(logits, top_k), -jnp.inf, logits)
-  if top_p < 1.0:
-    ordered = -jnp.sort(-logits, axis=-1)
-    probs = jax.nn.softmax(ordered, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # exclusive cumulative mass
-    keep = before < top_p
-    cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), -1, keepdims=True)
-    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return logits
-
-
-def _choose(noise: Array | None, logits: Array) -> Array:
-  """argmax(logits + Gumbel noise): `jax.random.categorical`'s draw."""
-  if noise is None:  # greedy
-    return jnp.argmax(logits, -1).astype(jnp.int32)
-  return jnp.argmax(logits + noise, -1).astype(jnp.int32)
-
-
-def _slot_noise(key: Array, slots: Array, b: int, p: int, c: int
-                ) -> tuple[Array, Array]:
-  """(S, B, P) position and (S, B, C) content Gumbel noise of `slots`.
-
-  Slot t draws with split(fold_in(key, t)), exactly what
-  `jax.random.categorical` would add at that slot; generated for a chunk of
-  slots at once, since XLA:CPU runs threefry as a rolled loop whose per-op
-  overhead dominates one step's small draw.
-  """
-  def one(t):
-    kp, kc = jax.random.split(jax.random.fold_in(key, t))
-    return (jax.random.gumbel(kp, (b, p), jnp.float32),
-            jax.random.gumbel(kc, (b, c), jnp.float32))
-  return jax.vmap(one)(slots)
-
-
-def _guide(logits: Array, scale: float, guided: bool) -> Array:
-  if not guided:
-    return logits
-  cond, uncond = jnp.split(logits, 2, axis=0)
-  return uncond + scale * (cond - uncond)
 
 
 def _legal_positions(covered: Array, count: Array, k: Array, layout,
@@ -362,10 +230,10 @@ def make_sampler(model: transformer_lib.DQTransformer, config: SamplingConfig,
       legal = _legal_positions(state['covered'], state['count'], k, lay,
                                tables)
       pos_logits = filter_logits(
-          _guide(pos_logits, config.cfg_scale_position, guided), legal,
-          config.temperature_position, config.top_k_position,
+          token_choice.guide(pos_logits, config.cfg_scale_position, guided),
+          legal, config.temperature_position, config.top_k_position,
           config.top_p_position)
-      pos = _choose(np_, pos_logits)
+      pos = token_choice.choose(np_, pos_logits)
       is_eos = pos == cells[k] + 1
       # What the content stack is told at cur: the sampled position; after
       # an eos the next stream's sos (compact), or (slot) that sos when it
@@ -399,10 +267,10 @@ def make_sampler(model: transformer_lib.DQTransformer, config: SamplingConfig,
             method=model.decode_content)
         cache = {'position': cache_p, 'content': cache_c}
       con_logits = filter_logits(
-          _guide(con_logits, config.cfg_scale_content, guided),
+          token_choice.guide(con_logits, config.cfg_scale_content, guided),
           content_legal[None], config.temperature_content,
           config.top_k_content, config.top_p_content)
-      code = jnp.where(is_eos, v + 1, _choose(nc_, con_logits))
+      code = jnp.where(is_eos, v + 1, token_choice.choose(nc_, con_logits))
       # Write slot cur+1 for the sampling lanes.
       nxt = cur + 1
       put = lambda name, new: jax.lax.dynamic_update_index_in_dim(
@@ -447,8 +315,9 @@ def make_sampler(model: transformer_lib.DQTransformer, config: SamplingConfig,
       # (slots only move forward, so a stream jump just ends the chunk).
       def chunk(state):
         c0 = state['cur']
-        noise = _slot_noise(key, c0 + jnp.arange(noise_chunk), b,
-                            lay.position_logits_size, lay.content_vocab_size)
+        noise = token_choice.slot_noise(
+            key, c0 + jnp.arange(noise_chunk), b, lay.position_logits_size,
+            lay.content_vocab_size)
         return jax.lax.while_loop(
             lambda s: in_phase(s) & (s['cur'] - c0 < noise_chunk),
             lambda s: body(s, noise, c0, extent), state)
