@@ -30,9 +30,14 @@ Why this layout, and what it guarantees:
   fields that differ from those the checkpoint was saved with.
 - Retention: the last `keep` steps, plus the `keep_best` best steps by
   `best_metric`, so a good validation checkpoint survives a later regression.
-- A non-finite loss must never replace a good checkpoint: the loop calls
-  `check_finite` before `maybe_save`, and `maybe_save` refuses a state with
-  non-finite floats as well.
+- A diverged state must never replace a good checkpoint: the loop checks
+  the training metrics and the loss of the state to be saved
+  (`DivergenceGuard`: non-finite, or a spike past a factor of the running
+  mean) before `maybe_save`, and `maybe_save` refuses non-finite metrics
+  and a state (parameters, optimizer state, anything float) with NaN/inf.
+  So every saved step passed these checks, and a `DivergenceError` names the
+  newest one as the last good step. `restore(step=N)` resumes from an older
+  step (`--config.resume_step=N`); the newer ones are moved aside.
 - Multi-host: every process must call `maybe_save`, `restore_latest` and
   `close` with the same arguments; Orbax runs the barriers and lets only the
   primary host write the shared files. Never guard these calls with
@@ -64,11 +69,16 @@ from dqvq.checksums import leaf_checksums
 from dqvq.checksums import verify_checksums
 from dqvq.run_guards import check_finite
 from dqvq.run_guards import check_writable
+from dqvq.run_guards import DivergenceError
+from dqvq.run_guards import DivergenceGuard
 from dqvq.run_guards import install_preemption_handler
+from dqvq.run_guards import LossSpikeError
 from dqvq.run_guards import NonFiniteLossError
 from dqvq.run_guards import nonfinite_leaves
 from dqvq.run_guards import preemption_requested
 from dqvq.run_guards import reset_preemption_request
+from dqvq.run_guards import stop_reason
+from dqvq.run_guards import stop_signals
 from dqvq.run_guards import UnwritableDirectoryError
 # pylint: enable=g-importing-member,unused-import
 
@@ -228,12 +238,13 @@ class Checkpointer:
 
   # -- saving ---------------------------------------------------------------
 
-  def save_due(self, step: int) -> bool:
-    """Whether `maybe_save(step, ...)` without force would write."""
+  def save_due(self, step: int, force: bool = False) -> bool:
+    """Whether `maybe_save(step, ..., force=force)` would write (the loop
+    checks the state it is about to save only then)."""
     latest = self.latest_step()
     if latest is not None and step <= latest:
       return False
-    return ((self.save_every > 0 and step % self.save_every == 0) or
+    return (force or (self.save_every > 0 and step % self.save_every == 0) or
             self._manager.reached_preemption(step))
 
   def maybe_save(self, step: int, state: PyTree, data_iter: Any = None,
@@ -256,18 +267,18 @@ class Checkpointer:
     Raises:
       NonFiniteLossError: `metrics` or the state hold NaN/inf; nothing saved.
     """
+    if not self.save_due(step, force):
+      return False
     latest = self.latest_step()
-    if latest is not None and step <= latest:
-      return False
-    if not force and not self.save_due(step):
-      return False
     metrics = _jsonable(dict(metrics or {}))
+    saved_steps = self.all_steps()
     check_finite(step, {k: v for k, v in metrics.items()
-                        if isinstance(v, (int, float))}, latest)
+                        if isinstance(v, (int, float))}, latest, saved_steps)
     if self.check_state_finite:
       bad = nonfinite_leaves(state)
       if bad:
-        raise NonFiniteLossError(step, [f'state{b}' for b in bad], latest)
+        raise NonFiniteLossError(step, [f'state{b}' for b in bad], latest,
+                                 saved_steps)
     meta = {
         'step': int(step),
         'time': time.time(),
@@ -284,10 +295,10 @@ class Checkpointer:
     # Orbax waits for the previous async save before starting this one.
     saved = self._manager.save(step, args=ocp.args.Composite(**items),
                                metrics=metrics, force=True)
-    if saved:
-      logging.info('Checkpoint at step %d started (%s).', step,
-                   'async' if self._manager.is_saving_in_progress()
-                   else 'done')
+    if saved:  # the end-of-run summary lists the steps; not one line each
+      logging.debug('Checkpoint at step %d started (%s).', step,
+                    'async' if self._manager.is_saving_in_progress()
+                    else 'done')
     return saved
 
   # -- stopping -------------------------------------------------------------
@@ -365,7 +376,7 @@ class Checkpointer:
                         failures[step][:500])
         continue
       if failures:
-        self._quarantine(sorted(failures))
+        self._move_aside(sorted(failures), 'unreadable')
         logging.warning('Resumed from step %d; skipped unreadable step(s) %s.',
                         step, sorted(failures))
       return state, step, meta
@@ -374,6 +385,47 @@ class Checkpointer:
         'first):\n  ' + '\n  '.join(
             f'step {s}: {err[:500]}' for s, err in failures.items()) +
         '\n' + self._config_change_hint(steps))
+
+  def restore(self, abstract_state: PyTree, data_iter: Any = None,
+              step: int | None = None
+              ) -> tuple[PyTree, int, dict[str, Any]] | None:
+    """`restore_latest`, or with `step` that step and no fallback.
+
+    Resuming from an older step (after a divergence that the newest steps
+    already carry) moves the newer steps aside (`N.superseded-<time>`, files
+    kept), so the run saves its new steps 'N+1...' again and the next
+    restart resumes from those. The request is therefore a one-off: drop
+    it once the run has saved past `step`.
+
+    Raises:
+      FileNotFoundError: `step` is not a finished checkpoint.
+      CheckpointRestoreError: as `restore_latest`, or `step` does not read.
+    """
+    if not step:
+      return self.restore_latest(abstract_state, data_iter)
+    self._manager.wait_until_finished()
+    self._manager.reload()
+    steps = self.all_steps()
+    if step not in steps:
+      have = (f'steps {", ".join(map(str, steps))}; pick one of them'
+              if steps else 'no checkpoint yet; drop it')
+      raise FileNotFoundError(
+          f'config.resume_step={step}, but {self.directory} holds {have}, or '
+          'set 0 for the newest.')
+    try:
+      state, meta = self._restore_step(step, abstract_state, data_iter)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      raise CheckpointRestoreError(
+          f'Checkpoint step {step} in {self.directory} does not restore '
+          f'({type(e).__name__}: {str(e)[:500]}).\n'
+          + self._config_change_hint([step])) from e
+    newer = [s for s in steps if s > step]
+    if newer:
+      self._move_aside(newer, 'superseded')
+      logging.warning('Resumed from step %d as asked (config.resume_step); '
+                      'moved the newer step(s) %s aside. Drop resume_step '
+                      'for the next resume.', step, newer)
+    return state, step, meta
 
   def _config_change_hint(self, steps: Sequence[int]) -> str:
     """The config fields that differ from the newest readable stored config.
@@ -416,24 +468,25 @@ class Checkpointer:
                               f'{self.directory} (have {self.all_steps()}).')
     return self._restore_step(step, abstract_state, None)
 
-  def _quarantine(self, steps: Sequence[int]) -> None:
-    """Renames unreadable steps out of Orbax's sight, keeping their files.
+  def _move_aside(self, steps: Sequence[int], why: str) -> None:
+    """Renames steps out of Orbax's sight, keeping their files.
 
-    Left in place, a bad step would stay `latest_step()`, so the resumed run
-    could not save again until it passed that step, and the next restart
-    would stumble over it again. The new name (`N.unreadable-<time>`) does
-    not parse as a step, so Orbax ignores it; nothing is deleted.
+    Left in place, an unreadable (or superseded) step would stay
+    `latest_step()`, so the resumed run could not save again until it passed
+    that step, and the next restart would resume from it again. The new name
+    (`N.<why>-<time>`) does not parse as a step, so Orbax ignores it;
+    nothing is deleted.
     """
     if jax.process_index() == 0:
       stamp = int(time.time())
       for step in steps:
         src = self.directory / str(step)
-        dst = self.directory / f'{step}.unreadable-{stamp}'
+        dst = self.directory / f'{step}.{why}-{stamp}'
         if src.exists():
           src.rename(dst)
-          logging.warning('Moved unreadable checkpoint %s to %s.', src, dst)
+          logging.warning('Moved %s checkpoint %s to %s.', why, src, dst)
     if jax.process_count() > 1:
-      multihost_utils.sync_global_devices('dqvq_checkpoint_quarantine')
+      multihost_utils.sync_global_devices(f'dqvq_checkpoint_{why}')
     self._manager.reload()
 
   def _restore_step(self, step: int, abstract_state: PyTree, data_iter: Any

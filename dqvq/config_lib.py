@@ -101,6 +101,17 @@ def _loop_config(c: ml_collections.ConfigDict) -> None:
   c.num_images = 8                    # examples in image summaries
   c.stop_at_step = 0                  # >0: checkpoint and exit after this
   #                                     step, as on preemption (time-boxed jobs)
+  c.resume_step = 0                   # >0: resume from this saved step, not
+  #                                     the newest (after a divergence; the
+  #                                     newer steps are moved aside, so drop
+  #                                     it once the run has saved past it)
+  # Divergence: a run stops, before saving, when a metric or the state goes
+  # NaN/inf, or when loss_spike_metric (a positive loss; its 'val/' twin,
+  # measured on the state about to be saved, likewise) exceeds this factor
+  # times its running mean. 10x is far beyond the noise of a healthy run and
+  # well below what a blown-up step gives; 0 turns the spike check off.
+  c.loss_spike_factor = 10.0
+  c.loss_spike_metric = 'l1_loss'
 
 
 def stage1_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -185,6 +196,7 @@ def stage2_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   _loop_config(c)
   c.best_metric = 'val/loss'
+  c.loss_spike_metric = 'loss'        # content + position cross-entropy
   c.sample_images = 0                 # >0: `dqvq.train` samples this many
   #                                     images after training (the demo)
   # How those samples are drawn: `sampling.SamplingConfig`'s fields (its
@@ -284,6 +296,14 @@ def validate_config(c: ml_collections.ConfigDict,
   for field in ('num_train_steps', 'log_every', 'checkpoint_every'):
     if c[field] <= 0:
       raise ValueError(f'config.{field} must be positive, got {c[field]}.')
+  if c.get('resume_step', 0) < 0:
+    raise ValueError(f'config.resume_step={c.resume_step}; give a saved step, '
+                     'or 0 for the newest.')
+  spike = c.get('loss_spike_factor', 0)
+  if spike < 0 or 0 < spike <= 1:
+    raise ValueError(
+        f'config.loss_spike_factor={spike} would stop a healthy run; use a '
+        'factor well above 1 (default 10), or 0 to turn the spike check off.')
   if not (c.stage == 2 and c.tokens_dir):
     data_sources.validate_data_config(c.data)
 

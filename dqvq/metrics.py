@@ -14,10 +14,17 @@ ReportProgress` (0.0.12) gives steps/s and an ETA with minute resolution, but
 only through `platform.work_unit().set_notes`, without images/s, the loss, or
 an injectable clock, so `ProgressReporter` below does the same job in the
 format the README promises.
+
+`quiet_console` is the default console of the `python -m dqvq...` verbs:
+dqvq's own INFO lines (progress, validation, the end-of-run summary) and
+every library's warnings, without the dozens of Orbax, TFDS and clu INFO
+lines per logging step (clu's LoggingWriter repeats every scalar that
+TensorBoard already gets); absl's `--verbosity`/`-v` brings them back.
 """
 
 from __future__ import annotations
 
+import logging as std_logging
 import math
 import os
 import time
@@ -43,6 +50,43 @@ def create_writer(workdir: str | os.PathLike[str],
     process_index = jax.process_index()
   return metric_writers.create_default_writer(
       os.fspath(workdir), just_logging=process_index > 0, asynchronous=True)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class _OwnInfoFilter(std_logging.Filter):
+  """INFO and above from dqvq's own modules, WARNING and above from all."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return (record.levelno >= std_logging.WARNING or
+            (record.levelno >= std_logging.INFO and
+             os.path.abspath(record.pathname).startswith(_PACKAGE_DIR)))
+
+
+class _ConsoleFormatter(std_logging.Formatter):
+  """'12:03:04 message'; warnings and errors say so first."""
+
+  def __init__(self) -> None:
+    super().__init__('%(asctime)s %(message)s', datefmt='%H:%M:%S')
+
+  def format(self, record: std_logging.LogRecord) -> str:
+    line = super().format(record)
+    if record.levelno >= std_logging.WARNING:
+      time_part, _, rest = line.partition(' ')
+      line = f'{time_part} {record.levelname}: {rest}'
+    return line
+
+
+def quiet_console() -> None:
+  """Short console lines, only dqvq's own INFO (see the module docstring).
+
+  Call it after absl parsed the flags (absl's handler exists then), and only
+  when the user did not ask for a verbosity.
+  """
+  handler = logging.get_absl_handler()
+  handler.addFilter(_OwnInfoFilter())
+  handler.setFormatter(_ConsoleFormatter())
 
 
 def _to_float(value: Any) -> float:

@@ -9,11 +9,13 @@ and with the signal-flag all-gather fallback).
 
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import jax
@@ -24,6 +26,8 @@ import pytest
 
 from dqvq import checkpoint as ckpt_lib
 
+import test_train  # pylint: disable=g-bad-import-order
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -33,23 +37,57 @@ def _mesh() -> jax.sharding.Mesh:
       axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
-def test_sigint_handler_sets_flag_then_hard_interrupts():
+def test_sigint_handler_sets_flag_then_restores_the_default():
   old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
   try:
     ckpt_lib.reset_preemption_request()
-    assert ckpt_lib.install_preemption_handler(sigint=True) == [
-        signal.SIGTERM, signal.SIGINT]
-    assert not ckpt_lib.preemption_requested()
-    os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(0.05)  # Python runs the handler at the next bytecode
-    assert ckpt_lib.preemption_requested()
-    with pytest.raises(KeyboardInterrupt):
+    with ckpt_lib.stop_signals(sigint=True) as installed:
+      assert installed == [signal.SIGTERM, signal.SIGINT]
+      assert not ckpt_lib.preemption_requested()
       os.kill(os.getpid(), signal.SIGINT)
-      time.sleep(0.05)
+      time.sleep(0.05)  # Python runs the handler at the next bytecode
+      assert ckpt_lib.preemption_requested()
+      assert ckpt_lib.stop_reason() == 'Ctrl-C'
+      # The next Ctrl-C takes the default action: the process dies at once
+      # (not sent here; test_second_ctrl_c_exits_at_once does it).
+      assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+    # The caller's handlers are back after the block.
+    assert signal.getsignal(signal.SIGINT) is old[signal.SIGINT]
+    assert signal.getsignal(signal.SIGTERM) is old[signal.SIGTERM]
   finally:
     for s, handler in old.items():
       signal.signal(s, handler)
     ckpt_lib.reset_preemption_request()
+  assert ckpt_lib.stop_reason() is None
+
+
+_WAIT_FOR_SIGNALS = textwrap.dedent("""
+    import sys, time
+    from dqvq import run_guards
+    run_guards.install_preemption_handler(sigint=True)
+    print('READY', flush=True)
+    while not run_guards.preemption_requested():
+      time.sleep(0.01)
+    print('STOP REQUESTED', flush=True)
+    time.sleep(60)  # as if saving; a second Ctrl-C must not wait for this
+""")
+
+
+def test_second_ctrl_c_exits_at_once():
+  proc = subprocess.Popen([sys.executable, '-c', _WAIT_FOR_SIGNALS],
+                          env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          stdout=subprocess.PIPE, text=True)
+  try:
+    assert proc.stdout.readline().strip() == 'READY'
+    proc.send_signal(signal.SIGINT)
+    assert proc.stdout.readline().strip() == 'STOP REQUESTED'
+    start = time.time()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=10) == -signal.SIGINT
+    assert time.time() - start < 5
+  finally:
+    if proc.poll() is None:
+      proc.kill()
 
 
 # A training loop as the trainers run it: SIGTERM -> should_stop -> forced
@@ -188,3 +226,102 @@ def test_multihost_sigterm_on_one_host_stops_all_at_one_step(tmp_path,
   assert 'process_0-of-2.json' in data_files
   assert 'process_1-of-2.json' in data_files
   _check_saved_state(tmp_path, stop0)
+
+
+# The real trainer, `python -m dqvq.train`, signalled. Both runs go at once
+# (two cores); compiled programs come from the persistent cache the suite
+# uses, so a warm run takes well under a minute.
+def _start_training(workdir, data_dir, *overrides) -> '_Training':
+  return _Training(subprocess.Popen(
+      test_train.cli_command(
+          'ffhq_stage1.py:runlocal', workdir,
+          f'--config.data.data_dir={data_dir}',
+          '--config.num_train_steps=10000', '--config.checkpoint_every=10000',
+          *overrides),
+      cwd=REPO, env=test_train.cli_env(), stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True))
+
+
+class _Training:
+  """A trainer subprocess whose console is read as it comes."""
+
+  def __init__(self, proc: subprocess.Popen):
+    self.proc = proc
+    self.lines: list[str] = []
+    self._reader = threading.Thread(target=self._read, daemon=True)
+    self._reader.start()
+
+  def _read(self) -> None:
+    for line in self.proc.stdout:
+      self.lines.append(line.rstrip('\n'))
+
+  def wait_for(self, pattern: str, deadline: float) -> None:
+    while not any(re.search(pattern, l) for l in self.lines):
+      assert self.proc.poll() is None, '\n'.join(self.lines[-40:])
+      assert time.time() < deadline, (
+          f'no {pattern!r} in time:\n' + '\n'.join(self.lines[-40:]))
+      time.sleep(0.05)
+
+  def finish(self, timeout: float) -> int:
+    try:
+      rc = self.proc.wait(timeout=timeout)
+    finally:
+      if self.proc.poll() is None:
+        self.proc.kill()
+    self._reader.join(timeout=5)
+    return rc
+
+
+def test_sigterm_and_ctrl_c_save_restorable_checkpoints_and_exit_0(
+    demo_data_dir, tmp_path):
+  # SIGTERM mid-training with the demo cadences (validation and pictures
+  # every 2 steps), so its console is also the console test; Ctrl-C during
+  # compilation, which used to crash the interpreter (rc 139).
+  term = _start_training(tmp_path / 'term', demo_data_dir)
+  intr = _start_training(tmp_path / 'intr', demo_data_dir,
+                         '--config.eval_every=10000',
+                         '--config.image_every=10000')
+  try:
+    deadline = time.time() + 240  # a cold compilation cache
+    intr.wait_for(r'Initialised a new run', deadline)
+    intr.proc.send_signal(signal.SIGINT)  # compiling the first step
+    term.wait_for(r'step 3/10000', deadline)
+    term.proc.send_signal(signal.SIGTERM)
+    rcs = {'term': term.finish(120), 'intr': intr.finish(120)}
+  finally:
+    for run in (term, intr):
+      if run.proc.poll() is None:
+        run.proc.kill()
+  console = {'term': term.lines, 'intr': intr.lines}
+  for name, rc in rcs.items():
+    assert rc == 0, '\n'.join(console[name][-40:])
+
+  expected = {'term': r'Stopped at step (\d+)/10000 \(SIGTERM\)',
+              'intr': r'Stopped at step (1)/10000 \(Ctrl-C\)'}
+  # Saved on one device, they restore into this process's eight.
+  restored = dict(zip(expected, test_train.restored_states(
+      test_train.tiny(demo_data_dir, 'ffhq_stage1'),
+      *(tmp_path / name for name in expected))))
+  for name, pattern in expected.items():
+    stops = [m for l in console[name] if (m := re.search(pattern, l))]
+    assert stops, '\n'.join(console[name][-20:])
+    stopped_at = int(stops[0].group(1))
+    # Only the save the signal asked for (checkpoint_every is 10000).
+    states = restored[name]
+    assert list(states) == [stopped_at], (name, list(states))
+    assert int(states[stopped_at].step) == stopped_at
+    assert not ckpt_lib.nonfinite_leaves(states[stopped_at])
+  assert stopped_at == 1  # Ctrl-C: the stop waited for the step boundary
+
+  # The console: at most ~3 lines per logging step (was ~26: Orbax, clu),
+  # no library INFO, a short progress line with the ETA, and a summary.
+  lines = console['term']
+  progress = [l for l in lines if re.match(r'[\d:]+ step \d+/10000 \(', l)]
+  assert len(progress) >= 3
+  first = lines.index(progress[0])
+  assert len(lines) - first <= 3 * len(progress) + 4, '\n'.join(lines)
+  assert len(lines) <= 3 * len(progress) + 10, '\n'.join(lines)
+  assert all(len(l) < 120 for l in progress), progress
+  assert re.search(r'\| loss [\d.]+ \| .* img/s \| ETA \w+$', progress[-1])
+  assert not [l for l in lines if 'orbax' in l.lower() or '[Hyperparam' in l]
+  assert any(l.split(' ', 1)[1].startswith('Checkpoints: ') for l in lines)

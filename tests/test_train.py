@@ -5,6 +5,7 @@ Stage 2 and the two-stage demo are in test_stage2.py.
 
 import functools
 import importlib.util
+import logging
 import os
 import signal
 import subprocess
@@ -45,20 +46,49 @@ def tiny(data_dir, name='demo', **overrides):
   return c
 
 
+def restored_states(config, *workdirs) -> list[dict]:
+  """Every saved step of each run, restored (checksums verified) into the
+  shardings this process would train `config` with."""
+  from dqvq import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
+  task = loop.make_task(config, str(workdirs[0]), mesh)
+  abstract = jax.eval_shape(task.init, jax.random.key(0))
+  target = sharding.with_shardings(abstract, task.state_shardings(abstract))
+  runs = []
+  for workdir in workdirs:
+    ckpt = ckpt_lib.Checkpointer(workdir, save_every=1)
+    try:
+      runs.append({s: ckpt.restore_step(s, target)[0]
+                   for s in ckpt.all_steps()})
+    finally:
+      ckpt.close()
+  return runs
+
+
 def _leaves_equal(a, b):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.mark.parametrize('name', ['demo', 'imagenet_stage1', 'ffhq_stage1'])
-def test_two_step_smoke_run_per_config(name, demo_data_dir, tmp_path):
+def test_two_step_smoke_run_per_config(name, demo_data_dir, tmp_path, caplog):
   c = tiny(demo_data_dir, name)
-  state = loop.train_and_evaluate(c, str(tmp_path))
+  with caplog.at_level(logging.INFO):
+    state = loop.train_and_evaluate(c, str(tmp_path))
   assert int(state.step) == 2
   ckpts = sorted(os.listdir(tmp_path / 'checkpoints'))
   assert '2' in ckpts
   assert any(f.startswith('events') for f in os.listdir(tmp_path))
   assert os.listdir(tmp_path / 'pictures')
+  # The end-of-run summary: final metrics, where the results are.
+  summary = [r.getMessage() for r in caplog.records
+             if r.filename == 'loop.py'][-3:]
+  assert summary[0].startswith('Finished 2 steps in ')
+  assert summary[1].startswith('Final: train/l1_loss=') and (
+      'val/l1_loss=' in summary[1])
+  assert summary[2].startswith(
+      f'Checkpoints: {tmp_path}/checkpoints (steps 1, 2); pictures: '
+      f'{tmp_path}/pictures; curves: tensorboard --logdir {tmp_path}')
 
 
 def test_resume_equals_uninterrupted_bitwise(demo_data_dir, tmp_path):
@@ -79,18 +109,16 @@ def test_resume_equals_uninterrupted_bitwise(demo_data_dir, tmp_path):
   assert jax.tree.leaves(resumed.disc_params)  # the GAN was trained
 
 
-@pytest.mark.slow  # the real trainer in a subprocess; test_preemption.py
-# covers SIGTERM with a real checkpointed loop in the default run.
+@pytest.mark.slow  # minutes: test_preemption.py signals the real trainer
+# in the default run and restores what it saved; this one trains on from it.
 def test_sigterm_leaves_restorable_checkpoint(demo_data_dir, tmp_path):
   workdir = tmp_path / 'run'
-  cmd = [sys.executable, '-m', 'dqvq.train',
-         f'--config={ROOT}/configs/ffhq_stage1.py:runlocal',
-         f'--workdir={workdir}',
-         f'--config.data.data_dir={demo_data_dir}',
-         '--config.num_train_steps=10000', '--config.checkpoint_every=10000',
-         '--config.eval_every=10000', '--config.image_every=10000']
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+  cmd = cli_command('ffhq_stage1.py:runlocal', workdir,
+                    f'--config.data.data_dir={demo_data_dir}',
+                    '--config.num_train_steps=10000',
+                    '--config.checkpoint_every=10000',
+                    '--config.eval_every=10000', '--config.image_every=10000')
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 400
   events = None
@@ -261,12 +289,29 @@ def test_learning_rate_schedule_official():
   np.testing.assert_allclose(sched(266_912), 0.0, atol=1e-9)
 
 
+def cli_env() -> dict[str, str]:
+  """The environment of a `python -m dqvq.train` test subprocess: one CPU
+  device (a toy step runs faster than on eight fake ones), no huge-page
+  re-exec, and this suite's persistent compilation cache, every program in
+  it, so that warm runs skip compiling."""
+  return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='',
+              DQVQ_HUGE_PAGES='0',
+              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+
+
+def cli_command(config: str, workdir, *overrides) -> list[str]:
+  """`python -m dqvq.train --config configs/CONFIG --workdir WORKDIR ...`."""
+  return [sys.executable, '-u', '-m', 'dqvq.train',
+          f'--config={ROOT}/configs/{config}', f'--workdir={workdir}',
+          *overrides]
+
+
 def _train_cli(*overrides):
-  cmd = [sys.executable, '-m', 'dqvq.train',
-         f'--config={ROOT}/configs/imagenet_stage1.py:runlocal',
-         '--workdir=/tmp/dqvq_cli_test_unused', *overrides]
-  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                        timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  return subprocess.run(
+      cli_command('imagenet_stage1.py:runlocal', '/tmp/dqvq_cli_test_unused',
+                  *overrides),
+      cwd=ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
 
 
 def test_every_model_field_overridable_from_the_command_line():

@@ -1,17 +1,24 @@
 """The training loop both stages share.
 
     validate config -> mesh -> data -> abstract state + shardings
-    -> restore latest checkpoint (state and data position) or init
+    -> restore the newest checkpoint (or config.resume_step) or init
     -> loop: global batch -> jitted step (state donated) -> metrics on device
-       -> every log_every: one host sync, scalars, progress line
+       -> every log_every: one host sync, divergence check, scalars to
+          TensorBoard, one short progress line
        -> every eval_every / image_every: validation pass, pictures
-       -> every checkpoint_every, at the end, on SIGTERM: checkpoint
+       -> every checkpoint_every, at the end, on SIGTERM or Ctrl-C: the
+          state's loss on a validation batch checked, then a checkpoint
+    -> a summary: final metrics, where the checkpoints and pictures are
 
-An unwritable workdir is refused before anything is built or compiled. A
-non-finite loss stops the run before anything is saved, so the last good
-checkpoint survives. Everything a step needs besides the batch is in the
-state or closed over, so a resumed run replays the same per-step keys
-(fold_in(key, step)) and data order and ends bit-identical on CPU.
+An unwritable workdir is refused before anything is built or compiled.
+SIGTERM and Ctrl-C are trapped before anything compiles and only stop the
+run at the next step boundary, after a save. A diverging run (non-finite
+metrics or state, or a loss spike past `config.loss_spike_factor` times its
+running mean) stops before anything is saved, so every checkpoint is a good
+one and the error names the newest. Everything a step needs besides the
+batch is in the state or closed over, so a resumed run replays the same
+per-step keys (fold_in(key, step)) and data order and ends bit-identical on
+CPU.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from absl import logging
 import jax
@@ -75,12 +82,60 @@ def write_pictures(task: common.Task, state, host_batch, writer, step: int,
         os.path.join(workdir, 'pictures', f'{name}_{step:07d}.png'), panel)
 
 
+def _format_metrics(metrics: Mapping[str, float]) -> str:
+  return ', '.join(f'{k}={v:.4g}' for k, v in sorted(metrics.items()))
+
+
+def _summarize_run(config: ml_collections.ConfigDict, workdir: str, step: int,
+                   stopped: str | None, train_scalars: Mapping[str, float],
+                   val: Mapping[str, float] | None, saved: Sequence[int],
+                   seconds: float) -> None:
+  """The end-of-run lines: what was reached, final metrics, where things are.
+
+  (`python -m dqvq.train` adds the next command to run.)
+  """
+  total = config.num_train_steps
+  if stopped:
+    logging.info('Stopped at step %d/%d (%s) after %s; rerun the same '
+                 'command to resume.', step, total, stopped,
+                 metrics_lib.format_duration(seconds))
+  else:
+    logging.info('Finished %d steps in %s.', total,
+                 metrics_lib.format_duration(seconds))
+  final = {f'train/{k}': v for k, v in train_scalars.items()
+           if k in ('loss', config.get('loss_spike_metric', 'loss'))}
+  final.update(val or {})
+  if final:
+    logging.info('Final: %s', _format_metrics(final))
+  pictures = os.path.join(workdir, 'pictures')
+  logging.info(
+      'Checkpoints: %s (steps %s); pictures: %s; curves: tensorboard '
+      '--logdir %s', ckpt_lib.checkpoint_dir(workdir),
+      ', '.join(map(str, saved)) or 'none',
+      pictures if os.path.isdir(pictures) else 'none yet', workdir)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
-  """Trains the stage `config` names in `workdir`; returns the final state."""
+  """Trains the stage `config` names in `workdir`; returns the final state.
+
+  The state's step is below `config.num_train_steps` when the run stopped
+  early (SIGTERM, Ctrl-C, `stop_at_step`) after saving.
+
+  Raises:
+    DivergenceError: the run diverged; nothing diverged was saved.
+  """
   config_lib.validate_config(config)
   # Before the data, the models and the compiles: an unwritable workdir
   # would otherwise surface only at the first summary or checkpoint.
   ckpt_lib.check_writable(workdir, ckpt_lib.checkpoint_dir(workdir))
+  # Trapped before anything compiles: a Ctrl-C during a compile only sets
+  # the flag, and the stop waits for the next step boundary.
+  with ckpt_lib.stop_signals(sigint=True):
+    return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> Any:
+  started = time.monotonic()
   mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
   task = make_task(config, workdir, mesh)  # prepares the demo data if needed
   rng = jax.random.key(config.seed)
@@ -97,16 +152,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
       workdir, save_every=config.checkpoint_every,
       keep=config.keep_checkpoints, best_metric=config.best_metric or None,
       best_mode='min', config=config.to_dict())
-  ckpt_lib.install_preemption_handler()
-  restored = checkpointer.restore_latest(
-      sharding.with_shardings(abstract, shardings), data_iter=train_iter)
-  if restored is None:
-    state = jax.jit(task.init, out_shardings=shardings)(rng)
-    logging.info('Initialised a new run in %s.', workdir)
-  else:
-    state, step, _ = restored
-    logging.info('Resumed from step %d in %s.', step, workdir)
+  writer = None
+  try:
+    guard = ckpt_lib.DivergenceGuard(config.get('loss_spike_factor', 10.0),
+                                     config.get('loss_spike_metric', 'loss'))
+    restored = checkpointer.restore(
+        sharding.with_shardings(abstract, shardings), data_iter=train_iter,
+        step=config.get('resume_step', 0) or None)
+    if restored is None:
+      state = jax.jit(task.init, out_shardings=shardings)(rng)
+      logging.info('Initialised a new run in %s.', workdir)
+    else:
+      state, step, meta = restored
+      guard.load_state_dict(meta.get('divergence_guard'))
+      logging.info('Resumed from step %d in %s.', step, workdir)
+    writer = metrics_lib.create_writer(workdir)
+    state = _loop(config, workdir, task, state, mesh, shardings, train_iter,
+                  checkpointer, writer, guard, started)
+  except BaseException:
+    # The last good save must commit before the error reaches the user (it
+    # is the step the error names), and no Orbax or writer thread may
+    # outlive the interpreter; a failure here must not hide the first one.
+    try:
+      _close(checkpointer, writer)
+    except Exception:  # pylint: disable=broad-exception-caught
+      logging.exception('Closing the checkpointer after an error failed.')
+    raise
+  _close(checkpointer, writer)
+  return state
 
+
+def _close(checkpointer: ckpt_lib.Checkpointer,
+           writer: metrics_lib.MetricWriter | None) -> None:
+  checkpointer.close()
+  if writer is not None:
+    writer.close()
+
+
+def _loop(config: ml_collections.ConfigDict, workdir: str,
+          task: common.Task, state: Any, mesh: jax.sharding.Mesh,
+          shardings: Any, train_iter: Any,
+          checkpointer: ckpt_lib.Checkpointer,
+          writer: metrics_lib.MetricWriter, guard: ckpt_lib.DivergenceGuard,
+          started: float) -> Any:
+  """The training loop proper, from `state` to the end or a stop; returns
+  the last state (its step is below num_train_steps after a stop)."""
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
   frozen = jax.device_put(task.frozen, replicated)
@@ -118,21 +208,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
                     out_shardings=replicated)
   task = dataclasses.replace(task, frozen=frozen)
 
-  writer = metrics_lib.create_writer(workdir)
   if int(state.step) == 0:
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
+  # The console line is short (step, loss, rates, ETA); TensorBoard gets all.
   progress = metrics_lib.ProgressReporter(
       config.num_train_steps, config.batch_size, every=config.log_every,
-      metric_keys=task.progress_keys)
+      metric_keys=('loss',))
   accumulator = metrics_lib.MetricsAccumulator()
   step = start_step = int(state.step)
+  val = None
   if step == 0:  # the untrained baseline every later validation compares to
     val = evaluate(task, state, eval_fn, mesh, config)
     metrics_lib.write_scalars(writer, 0, val)
-    logging.info('step 0 validation: %s', ', '.join(
-        f'{k}={v:.4g}' for k, v in sorted(val.items())))
+    logging.info('step 0 validation: %s', _format_metrics(val))
+    guard.check_state(0, val)  # also the reference for later validations
   skipped = 0
   last_batch = None
+  probe_batch = None
+  scalars: dict[str, float] = {}
+  stopped = None
   while step < config.num_train_steps:
     host_batch = next(train_iter)
     skipped = int(host_batch.get('num_skipped_total', skipped))
@@ -147,27 +241,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
     if step % config.log_every == 0 or is_last:
       scalars = accumulator.compute()
       accumulator.reset()
-      ckpt_lib.check_finite(step, scalars)
-      scalars.update(progress.update(step, scalars))
-      scalars['skipped_images'] = float(skipped)
-      metrics_lib.write_scalars(writer, step, {f'train/{k}': v
-                                               for k, v in scalars.items()})
-    val = None
+      rates = progress.update(step, scalars)
+      metrics_lib.write_scalars(writer, step, {
+          f'train/{k}': v for k, v in {
+              **scalars, **rates, 'skipped_images': float(skipped)}.items()})
+      guard.observe(step, scalars, checkpointer.all_steps())  # once written
+    step_val = None  # validation metrics of this step's state
     if step % config.eval_every == 0 or is_last:
-      val = evaluate(task, state, eval_fn, mesh, config)
+      val = step_val = evaluate(task, state, eval_fn, mesh, config)
       metrics_lib.write_scalars(writer, step, val)
-      logging.info('step %d validation: %s', step, ', '.join(
-          f'{k}={v:.4g}' for k, v in sorted(val.items())))
+      logging.info('step %d validation: %s', step, _format_metrics(val))
+      guard.check_state(step, val, checkpointer.all_steps())
     if step % config.image_every == 0 or is_last:
       write_pictures(task, state, last_batch, writer, step, workdir, config)
-    stop = checkpointer.should_stop(step) or step == config.get(
-        'stop_at_step', 0)
-    checkpointer.maybe_save(step, state, data_iter=train_iter, metrics=val,
-                            force=is_last or stop)
-    if stop:
-      logging.warning('Stopped at step %d (preemption or stop_at_step): '
-                      'checkpoint saved, exiting.', step)
+    if checkpointer.should_stop(step):
+      stopped = ckpt_lib.stop_reason() or 'preemption notice'
+    elif step == config.get('stop_at_step', 0):
+      stopped = 'stop_at_step'
+    force = is_last or stopped is not None
+    if checkpointer.save_due(step, force):
+      if step_val is None:
+        # The loss of the very state to be saved, on one validation batch:
+        # the training loss is one update behind it (DivergenceGuard).
+        if probe_batch is None:
+          probe_batch = next(iter(task.datasets.eval))
+        guard.check_state(step, task.summarize(jax.device_get(eval_fn(
+            state, device_batch(probe_batch, mesh, task.batch_keys),
+            frozen))), checkpointer.all_steps())
+      checkpointer.maybe_save(
+          step, state, data_iter=train_iter, metrics=step_val, force=force,
+          extra={'divergence_guard': guard.state_dict()})
+    if stopped:
       break
   checkpointer.wait_until_finished()
-  writer.flush()
+  _summarize_run(config, workdir, step, stopped, scalars, val,
+                 checkpointer.all_steps(), time.monotonic() - started)
   return state
