@@ -270,7 +270,8 @@ def run(options: EvalOptions) -> dict[str, Any]:
     res = generator_eval.evaluate_generator(
         gen, batches, num_samples=num_samples,
         sampling_config=options.sampling, class_labels=options.class_labels,
-        batch_size=batch, fid=fid, on_batch=bar.update)
+        batch_size=batch, fid=fid, num_pictures=options.num_pictures,
+        on_batch=bar.update)
   bar.close()
   pictures = []
   if jax.process_index() == 0:

@@ -11,12 +11,14 @@ one, tokenizer included, so a bundle alone is enough to make images.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
@@ -31,7 +33,10 @@ from dqvq.trainers import stage2
 
 @dataclasses.dataclass
 class Generator:
-  """DQ-Transformer + tokenizer; `sample` returns images and their tokens."""
+  """DQ-Transformer + tokenizer; `sample` returns images and their tokens.
+
+  `sample_batches` yields the same batch by batch, left on the devices.
+  """
   model: Any
   params: Any
   layout: sequence.StreamLayout
@@ -76,19 +81,74 @@ class Generator:
       self._compiled[config] = sampling.make_sampler(self.model, config)
     return self._compiled[config]
 
-  def _pictures(self) -> Callable[..., Any]:
-    if 'pictures' not in self._compiled:
-      layout, tok = self.layout, self.tokenizer
+  def _pictures(self, previews: bool) -> Callable[..., Any]:
+    """Streams -> images and code maps, each device decoding its own rows.
 
-      @jax.jit
-      def pictures(content, position):
+    Under plain jit XLA replicates the scattered code maps (and so the
+    decoded images) over the mesh; `shard_map` keeps every output sharded
+    like the sampler's, so decoding is data-parallel and the images stay
+    where evaluation's Inception reads them.
+    """
+    key = ('pictures', previews)
+    if key not in self._compiled:
+      layout = self.layout
+
+      def pictures(tok, content, position):
         codes, writes = sequence.decode(content, position, layout)
-        preview = sampling.preview_codes(content, position, layout)
         grain_map = sequence.grain_map_from_streams(position, layout)
-        return dict(image=tok.decode(codes), preview=tok.decode(preview),
-                    codes=codes, writes=writes, grain_map=grain_map)
-      self._compiled['pictures'] = pictures
-    return self._compiled['pictures']
+        out = dict(image=tok.decode(codes), codes=codes, writes=writes,
+                   grain_map=grain_map)
+        if previews:  # a second decoder pass; evaluation has no use for it
+          out['preview'] = tok.decode(
+              sampling.preview_codes(content, position, layout))
+        return out
+      rows = sharding.batch_sharding(self.mesh).spec
+      self._compiled[key] = functools.partial(jax.jit(jax.shard_map(
+          pictures, mesh=self.mesh, in_specs=(P(), rows, rows),
+          out_specs=rows)), self.tokenizer)
+    return self._compiled[key]
+
+  def sample_batches(self, num_images: int, *,
+                     class_labels: Sequence[int] = (),
+                     config: sampling.SamplingConfig | None = None,
+                     batch_size: int = 0, previews: bool = True
+                     ) -> Iterator[SampledBatch]:
+    """Samples `num_images` images batch by batch, leaving them on the mesh.
+
+    What `sample` gathers, one `SampledBatch` at a time, so that a consumer
+    (FID over 50k samples) can reduce each batch on the devices and bring
+    back only what it needs instead of every image on every host. Batches
+    hold `batch_size` rows (default 4 per device, rounded up to the
+    devices); the last one is padded. `previews=False` skips the
+    coarse-only decode. Arguments are checked here, before anything
+    compiles, not at the first `next`.
+    """
+    _check_count('num_images', num_images, 1, 'a positive int: how many '
+                 'images to sample')
+    _check_count('batch_size', batch_size, 0, 'an int >= 0 (0 = 4 per '
+                 'device)')
+    labels = self.labels_for(num_images, class_labels)
+    config = config or sampling.SamplingConfig()
+    n_dev = self.mesh.devices.size
+    batch = -(-(batch_size or 4 * n_dev) // n_dev) * n_dev
+    return self._batches(labels, config, batch, previews)
+
+  def _batches(self, labels: np.ndarray, config: sampling.SamplingConfig,
+               batch: int, previews: bool) -> Iterator[SampledBatch]:
+    sampler, pictures = self._sampler(config), self._pictures(previews)
+    key = jax.random.key(config.seed)
+    batch_sharding = sharding.batch_sharding(self.mesh)
+    for i, lo in enumerate(range(0, len(labels), batch)):
+      chunk = labels[lo:lo + batch]
+      padded = np.resize(chunk, (batch,))  # static shape; extras dropped
+      # Every process holds the same labels; each places its devices' part.
+      labels_dev = jax.make_array_from_callback(
+          padded.shape, batch_sharding, lambda idx, x=padded: x[idx])
+      out = sampler(self.params, labels_dev, jax.random.fold_in(key, i))
+      yield SampledBatch({**pictures(out['content'], out['position']),
+                          'content': out['content'],
+                          'position': out['position'],
+                          'num_codes': out['num_codes']}, chunk)
 
   def sample(self, num_images: int, *, class_labels: Sequence[int] = (),
              config: sampling.SamplingConfig | None = None,
@@ -102,39 +162,48 @@ class Generator:
     'writes', the token streams 'content'/'position', 'num_codes' and
     'label'. Batches of `batch_size` (default 4 per device, rounded up to
     the devices) are sharded over the mesh; `on_batch(n)` is called after
-    each with the images it added (progress bars).
+    each with the images it added (progress bars). Every process receives
+    all N images as float32 (N x H x W x 3 x 8 bytes with the previews):
+    for many images, reduce `sample_batches` on the devices instead, as
+    `dqvq.eval.generator_eval` does.
     """
-    # Host checks, before anything compiles.
-    _check_count('num_images', num_images, 1, 'a positive int: how many '
-                 'images to sample')
-    _check_count('batch_size', batch_size, 0, 'an int >= 0 (0 = 4 per '
-                 'device)')
-    labels = self.labels_for(num_images, class_labels)
-    config = config or sampling.SamplingConfig()
-    n_dev = self.mesh.devices.size
-    batch = -(-(batch_size or 4 * n_dev) // n_dev) * n_dev
-    sampler, pictures = self._sampler(config), self._pictures()
-    key = jax.random.key(config.seed)
-    batch_sharding = sharding.batch_sharding(self.mesh)
     results: dict[str, list[np.ndarray]] = {}
-    for i, lo in enumerate(range(0, num_images, batch)):
-      chunk = labels[lo:lo + batch]
-      padded = np.resize(chunk, (batch,))  # static shape; extras dropped
-      # Every process holds the same labels; each places its devices' part.
-      labels_dev = jax.make_array_from_callback(
-          padded.shape, batch_sharding, lambda idx, x=padded: x[idx])
-      out = sampler(self.params, labels_dev, jax.random.fold_in(key, i))
-      host = multihost_utils.process_allgather({
-          **pictures(out['content'], out['position']),
-          'content': out['content'], 'position': out['position'],
-          'num_codes': out['num_codes']}, tiled=True)
+    batches = self.sample_batches(num_images, class_labels=class_labels,
+                                  config=config, batch_size=batch_size)
+    labels = []
+    for sampled in batches:
+      host = multihost_utils.process_allgather(sampled.arrays, tiled=True)
       for name, value in host.items():
-        results.setdefault(name, []).append(np.asarray(value)[:len(chunk)])
+        results.setdefault(name, []).append(
+            np.asarray(value)[:sampled.count])
+      labels.append(sampled.labels)
       if on_batch is not None:
-        on_batch(len(chunk))
+        on_batch(sampled.count)
     res = {name: np.concatenate(v) for name, v in results.items()}
-    res['label'] = labels
+    res['label'] = np.concatenate(labels)
     return res
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledBatch:
+  """One batch of `Generator.sample_batches`, still on the devices.
+
+  `arrays` are global arrays of the padded batch, sharded over the mesh
+  like the sampler's labels: 'image' (B, H, W, 3) in [-1, 1], 'preview'
+  (unless turned off), 'codes', 'writes', 'grain_map', 'content',
+  'position' and 'num_codes'. Only the first `count` rows are samples;
+  `labels` are their class labels (host, every process).
+  """
+  arrays: dict[str, jax.Array]
+  labels: np.ndarray
+
+  @property
+  def count(self) -> int:
+    return len(self.labels)
+
+  def mask(self) -> np.ndarray:
+    """(B,) bool: True for the rows that are samples, False for padding."""
+    return np.arange(self.arrays['image'].shape[0]) < self.count
 
 
 def _check_count(name: str, value: Any, least: int, want: str) -> None:
@@ -215,4 +284,5 @@ def load_bundle(path: str, mesh: jax.sharding.Mesh | None = None
                    mesh, step=int(manifest['meta'].get('step', 0)))
 
 
-__all__ = ['Generator', 'load_run', 'load_bundle', 'save_bundle']
+__all__ = ['Generator', 'SampledBatch', 'load_run', 'load_bundle',
+           'save_bundle']

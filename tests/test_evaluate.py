@@ -19,11 +19,17 @@ import json
 import math
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
 
 from dqvq import evaluate
+from dqvq import sampling
+from dqvq import sharding
+from dqvq.eval import coding
+from dqvq.eval import fid as fid_lib
 from dqvq.eval import generator_eval
 from dqvq.eval import tokenizer_eval
 
@@ -199,6 +205,64 @@ def test_generator_json(generator_eval_run, tokenizer_eval_run):
   for name in ('samples.png', 'sample_coding_maps.png',
                'code_length_hist.png'):
     assert os.path.exists(os.path.join(out, name)), name
+
+
+def test_sample_statistics_match_gathered_images(stage2_workdir, tmp_path,
+                                                 monkeypatch):
+  """Each sampled batch is reduced on the mesh, to the host path's figures.
+
+  The reference is the evaluation as it was: `Generator.sample` gathers all
+  images to the host, which puts them back on the devices for Inception.
+  Reduced batch by batch instead, the features, Inception Score and code
+  statistics are the same, and the only images gathered are the first
+  batch's, for its pictures.
+  """
+  mesh = sharding.create_mesh()
+  gen = generator_eval.load(stage2_workdir, None, mesh)
+  fid = generator_eval.fid_setup('random', mesh, 'test', str(tmp_path), [])
+  config = sampling.SamplingConfig()
+  gathered = []
+  host_gather = generator_eval.gather
+
+  def spy(tree):
+    out = host_gather(tree)
+    gathered.extend(np.shape(x) for x in jax.tree.leaves(out))
+    return out
+
+  monkeypatch.setattr(generator_eval, 'gather', spy)
+  got = generator_eval.sample_statistics(
+      gen, 12, sampling_config=config, batch_size=8, fid=fid, num_pictures=3)
+  monkeypatch.undo()
+  assert [s for s in gathered if len(s) == 4] == [(8, 32, 32, 3)]
+  assert {s for s in gathered if len(s) == 2} == {(8, 2048), (8, 1008)}
+
+  want = gen.sample(12, config=config, batch_size=8)
+  np.testing.assert_allclose(got['pictures']['image'], want['image'][:3],
+                             atol=1e-5)
+  np.testing.assert_array_equal(got['pictures']['grain_map'],
+                                want['grain_map'][:3])
+  np.testing.assert_array_equal(got['pictures']['label'], want['label'][:3])
+  feats, scores = fid_lib.FeatureStats(), fid_lib.InceptionScoreStats(12)
+  spec = sharding.batch_sharding(mesh)
+  for lo in (0, 8):  # the old host_features: host images back on the mesh
+    padded = np.zeros((8, 32, 32, 3), np.float32)
+    padded[:len(want['image'][lo:lo + 8])] = want['image'][lo:lo + 8]
+    x = jax.make_array_from_callback(padded.shape, spec,
+                                     lambda idx, a=padded: a[idx])
+    fid.update(feats, x, np.arange(8) < 12 - lo, scores)
+  assert got['features'].count == feats.count == 12
+  for a, b in zip(got['features'].mean_cov(), feats.mean_cov()):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(got['inception_score'].result(), scores.result(),
+                             rtol=1e-5)
+  factors = tuple(gen.tokenizer.vae.grain_factors)
+  sums = coding.coding_sums(jnp.asarray(want['codes']),
+                            jnp.asarray(want['grain_map']), factors,
+                            gen.tokenizer.vae.codebook_size)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(got['sums']),
+               jax.device_get(sums))
+  assert got['complete'] == int(np.sum(np.all(
+      want['writes'].reshape(12, -1) == 1, axis=1)))
 
 
 @pytest.mark.parametrize('change, error, match', [

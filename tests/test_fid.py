@@ -140,6 +140,28 @@ def test_inception_score():
     fid.inception_score(logits[:5], splits=10)
 
 
+def test_inception_score_stats_stream_equals_inception_score():
+  """Uneven batches across uneven splits give `inception_score`'s figures."""
+  rng = np.random.default_rng(5)
+  logits = rng.normal(0, 3, (203, 30))  # 203 = 7 splits of 29, 10 of 20.3
+  logits[:40, 3] = 800.0  # p(y|x) of 0 in every other class: empty columns
+  for splits, num_classes in ((10, None), (7, None), (1, 12)):
+    s = fid.InceptionScoreStats(len(logits), splits, num_classes)
+    for lo, hi in ((0, 1), (1, 17), (17, 150), (150, 203)):
+      s.update(logits[lo:hi])
+    np.testing.assert_allclose(
+        s.result(), fid.inception_score(logits, splits, num_classes),
+        rtol=1e-12, atol=1e-12)
+  with pytest.raises(ValueError, match='splits'):
+    fid.InceptionScoreStats(5, splits=10)
+  s = fid.InceptionScoreStats(4, splits=2)
+  s.update(logits[:3])
+  with pytest.raises(ValueError, match='3 were added'):
+    s.result()
+  with pytest.raises(ValueError, match='5 logits rows'):
+    s.update(logits[:2])
+
+
 def test_reference_stats_cache(tmp_path, features):
   calls = []
 

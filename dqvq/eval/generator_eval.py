@@ -9,9 +9,13 @@ and one sampling run:
   tokenizer, the trained routing, and collects the exact code-length
   histogram and usage (`dqvq.eval.coding`); it also collects the real
   images' Inception features when the reference statistics are not cached.
-* `Generator.sample` draws the images (sharded over the mesh, gathered on
-  every host); their Inception features are computed in mesh-sized batches,
-  and their code maps summarised the same way as the data's.
+* `Generator.sample_batches` draws the images batch by batch, sharded over
+  the mesh, and each batch is reduced where it lies: Inception features
+  and logits, and the code maps' sums (the same as the data's). Only the
+  features, the sums and a few pictures reach the hosts, so host memory
+  stays flat in the number of samples (FID-50k at 256 px would otherwise
+  put 39 GB of float32 images on every host). The Inception Score streams
+  too (`fid.InceptionScoreStats`).
 
 Code-length distributions are compared by their means and variances, the
 total-variation distance of the histograms and the 1-D Wasserstein (earth
@@ -113,13 +117,18 @@ class FIDSetup:
                                           lambda: collected)
 
   def update(self, stats: fid_lib.FeatureStats, images: Array,
-             mask: np.ndarray, logits: list[np.ndarray] | None = None
+             mask: np.ndarray,
+             inception_score: fid_lib.InceptionScoreStats | None = None
              ) -> None:
-    """Adds the real rows of a global batch (quantised to uint8 levels)."""
+    """Adds the real rows of a global batch (quantised to uint8 levels).
+
+    Inception runs on the devices; only the pool3 features (and, for the
+    Inception Score, the logits) of the batch come back to every host.
+    """
     pool, logit = gather(self.feature_fn(_fid_range_jit(images)))
     stats.update(pool[mask])
-    if logits is not None:
-      logits.append(logit[mask])
+    if inception_score is not None:
+      inception_score.update(logit[mask])
 
 
 def fid_setup(weights: str, mesh: jax.sharding.Mesh, data_hash: str,
@@ -190,28 +199,88 @@ def encode_split(tok: tokenizer_lib.Tokenizer, batches: Iterable[Any], *,
   return total, real
 
 
-def host_features(fid: FIDSetup, images: np.ndarray,
-                  mesh: jax.sharding.Mesh, batch_size: int
-                  ) -> tuple[fid_lib.FeatureStats, np.ndarray]:
-  """Pool3 statistics and unbiased logits of host images (N, H, W, 3).
+def _sample_sums_fn(tok: tokenizer_lib.Tokenizer) -> Callable[..., Any]:
+  """Jitted (codes, grain_map, writes, mask) -> one sampled batch's sums.
 
-  Every process holds all N images (`Generator.sample` gathers them); each
-  batch is zero-padded to `batch_size` (a multiple of the mesh) and every
-  process places its devices' rows, so the Inception runs data-parallel.
+  The data side's coding sums plus 'complete', the samples whose every
+  finest cell was written once (a full code map).
   """
-  if batch_size % mesh.size:
-    raise ValueError(f'batch size {batch_size} is not a multiple of the '
-                     f'{mesh.size} devices.')
-  feats, logits = fid_lib.FeatureStats(), []
-  spec = sharding.batch_sharding(mesh)
-  for lo in range(0, len(images), batch_size):
-    chunk = np.asarray(images[lo:lo + batch_size], np.float32)
-    padded = np.zeros((batch_size,) + chunk.shape[1:], np.float32)
-    padded[:len(chunk)] = chunk
-    x = jax.make_array_from_callback(padded.shape, spec,
-                                     lambda idx, a=padded: a[idx])
-    fid.update(feats, x, np.arange(batch_size) < len(chunk), logits)
-  return feats, np.concatenate(logits)
+  factors = tuple(tok.vae.grain_factors)
+
+  def fn(codes, grain_map, writes, mask):
+    full = jnp.all(writes.reshape(writes.shape[0], -1) == 1, axis=1)
+    return {'coding': coding_lib.coding_sums(
+        codes, grain_map, factors, tok.vae.codebook_size, mask),
+            'complete': jnp.sum(full & (mask > 0), dtype=jnp.int32)}
+  return jax.jit(fn)
+
+
+def _keep_pictures(pictures: dict[str, list[np.ndarray]],
+                   sampled: generator_lib.SampledBatch, wanted: int) -> None:
+  """Appends the batch's first samples to `pictures`, up to `wanted` in all.
+
+  Only batches that contribute are gathered, so the host holds at most
+  one batch of images beyond the pictures.
+  """
+  have = sum(len(v) for v in pictures['label'])
+  if have >= wanted:
+    return
+  take = min(wanted - have, sampled.count)
+  host = gather({k: sampled.arrays[k] for k in ('image', 'grain_map')})
+  for name, value in host.items():
+    pictures[name].append(value[:take])
+  pictures['label'].append(sampled.labels[:take])
+
+
+def sample_statistics(gen: generator_lib.Generator, num_samples: int, *,
+                      sampling_config: sampling.SamplingConfig,
+                      class_labels: Sequence[int] = (), batch_size: int = 0,
+                      fid: FIDSetup | None = None, num_pictures: int = 8,
+                      on_batch: Callable[[int], None] | None = None
+                      ) -> dict[str, Any]:
+  """Draws `num_samples` samples and reduces each batch on the devices.
+
+  Per batch, on the mesh: the coding sums of the code maps and, with `fid`,
+  Inception pool3 features and logits of the images (rounded to uint8
+  levels). Only the features (B x 3056 floats), the sums and the first
+  `num_pictures` samples reach the host, so host memory does not grow with
+  `num_samples` (gathering 50k 256 px images as float32 to every host, as
+  `Generator.sample` does, is about 39 GB each).
+
+  Returns 'sums' (coding sums over all samples, on device), 'complete'
+  (samples with a full code map), 'features' (`FeatureStats`) and
+  'inception_score' (`InceptionScoreStats`), both None without `fid`, and
+  'pictures' (host 'image', 'grain_map', 'label' of the first samples).
+  """
+  sums_fn = _sample_sums_fn(gen.tokenizer)
+  spec = sharding.batch_sharding(gen.mesh)
+  feats = is_stats = None
+  if fid is not None:
+    feats = fid_lib.FeatureStats()
+    is_stats = fid_lib.InceptionScoreStats(
+        num_samples, splits=min(IS_SPLITS, num_samples))
+  pictures: dict[str, list[np.ndarray]] = {
+      'image': [], 'grain_map': [], 'label': []}
+  total = None
+  for sampled in gen.sample_batches(
+      num_samples, class_labels=class_labels, config=sampling_config,
+      batch_size=batch_size, previews=False):
+    mask = sampled.mask()
+    mask_dev = jax.make_array_from_callback(
+        mask.shape, spec, lambda idx, m=mask.astype(np.int32): m[idx])
+    out = sampled.arrays
+    sums = sums_fn(out['codes'], out['grain_map'], out['writes'], mask_dev)
+    total = sums if total is None else coding_lib.merge_sums(total, sums)
+    if fid is not None:
+      fid.update(feats, out['image'], mask, is_stats)
+    _keep_pictures(pictures, sampled, num_pictures)
+    if on_batch is not None:
+      on_batch(sampled.count)
+  pictures = {k: (np.concatenate(v) if v else np.zeros((0,)))
+              for k, v in pictures.items()}
+  return {'sums': total['coding'], 'complete': int(total['complete']),
+          'features': feats, 'inception_score': is_stats,
+          'pictures': pictures}
 
 
 def length_distances(hist_a: np.ndarray, hist_b: np.ndarray
@@ -240,7 +309,7 @@ def evaluate_generator(gen: generator_lib.Generator, batches: Iterable[Any],
                        *, num_samples: int,
                        sampling_config: sampling.SamplingConfig,
                        class_labels: Sequence[int] = (), batch_size: int = 0,
-                       fid: FIDSetup | None = None,
+                       fid: FIDSetup | None = None, num_pictures: int = 8,
                        on_batch: Callable[[int], None] | None = None
                        ) -> dict[str, Any]:
   """FID, IS and code-length statistics of `num_samples` samples.
@@ -253,12 +322,13 @@ def evaluate_generator(gen: generator_lib.Generator, batches: Iterable[Any],
     class_labels: labels to cycle through; empty: every class in turn.
     batch_size: images per sampler / Inception call (multiple of devices).
     fid: Inception setup, or None to skip FID and IS.
+    num_pictures: samples kept on the host for pictures.
     on_batch: progress callback, called with images done.
 
   Returns:
     'figures' (flat; 'fid' and IS None without `fid`), 'data_length_hist',
     'sample_length_hist', 'histograms' (for the JSON) and 'samples' (host
-    images, grain maps and labels, for pictures).
+    images, grain maps and labels of the first `num_pictures` samples).
   """
   tok = gen.tokenizer
   factors = tuple(tok.vae.grain_factors)
@@ -268,12 +338,11 @@ def evaluate_generator(gen: generator_lib.Generator, batches: Iterable[Any],
       on_batch=on_batch)
   if real is not None:
     reference = fid.finish(real)
-  res = gen.sample(num_samples, class_labels=class_labels,
-                   config=sampling_config, batch_size=batch_size,
-                   on_batch=on_batch)
-  sample_sums = coding_lib.coding_sums(
-      jnp.asarray(res['codes']), jnp.asarray(res['grain_map']), factors,
-      tok.vae.codebook_size)
+  res = sample_statistics(
+      gen, num_samples, sampling_config=sampling_config,
+      class_labels=class_labels, batch_size=batch_size, fid=fid,
+      num_pictures=num_pictures, on_batch=on_batch)
+  sample_sums = res['sums']
   ratios = tuple(tok.vae.grain_ratios)
   data_fig = coding_lib.summarize_coding(data_sums, factors, ratios)
   sample_fig = coding_lib.summarize_coding(sample_sums, factors, ratios)
@@ -282,29 +351,25 @@ def evaluate_generator(gen: generator_lib.Generator, batches: Iterable[Any],
   figures: dict[str, Any] = {
       'fid': None, 'inception_score': None, 'inception_score_std': None,
       'num_samples': float(num_samples),
-      'sample_complete_share': float(np.mean(np.all(
-          res['writes'].reshape(num_samples, -1) == 1, axis=1))),
+      'sample_complete_share': res['complete'] / num_samples,
       **_prefixed('sample_', sample_fig), **_prefixed('data_', data_fig),
       **length_distances(data_hist, sample_hist)}
   if fid is not None:
-    n_dev = gen.mesh.size
-    batch = -(-(batch_size or 4 * n_dev) // n_dev) * n_dev
-    feats, logits = host_features(fid, res['image'], gen.mesh, batch)
-    figures['fid'], note = frechet_or_note(reference, feats)
+    figures['fid'], note = frechet_or_note(reference, res['features'])
     if note:
       figures['fid_note'] = note
+    is_stats = res['inception_score']
     figures['inception_score'], figures['inception_score_std'] = (
-        fid_lib.inception_score(logits, splits=min(IS_SPLITS, len(logits))))
-    figures['inception_score_splits'] = float(min(IS_SPLITS, len(logits)))
+        is_stats.result())
+    figures['inception_score_splits'] = float(is_stats.splits)
     figures['reference_count'] = float(reference.count)
   return {'figures': figures, 'data_length_hist': data_hist,
           'sample_length_hist': sample_hist,
           'histograms': {'data_code_length': data_hist,
                          'sample_code_length': sample_hist},
-          'samples': {'image': res['image'], 'grain_map': res['grain_map'],
-                      'label': res['label']}}
+          'samples': res['pictures']}
 
 
 __all__ = ['FIDSetup', 'fid_setup', 'frechet_or_note', 'fid_range', 'gather',
-           'load', 'encode_split', 'host_features', 'length_distances',
+           'load', 'encode_split', 'sample_statistics', 'length_distances',
            'evaluate_generator']
