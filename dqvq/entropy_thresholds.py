@@ -9,6 +9,10 @@ uses [-1, 1]), another resolution or another dataset, recompute the table:
       --split train --resolution 256 --region_size 16 --bin_range=-1,1 \
       --num_images 100000 --out thresholds.json
 
+Stage-1 training with `model.entropy_thresholds='auto'` builds the table
+through `write_once`: process 0 scans the split and writes the file into the
+workdir, every other host waits for it and reads that file.
+
 Images get the official evaluation preprocessing (PIL bilinear resize of the
 shorter side to `resolution`, centre crop, scaled to [-1, 1]), shared with
 the training pipeline through `dqvq.data.transforms`. `--bin_range` needs the `=` form because
@@ -20,10 +24,13 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import functools
+import os
 import sys
 import time
 from typing import Iterable, Iterator, Sequence
 
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from dqvq.data import transforms
@@ -170,6 +177,45 @@ def main(argv: Sequence[str] | None = None) -> dict:
   print(f'Wrote {args.out}: {entropies.size} regions from {num_images} '
         f'images; T_50 = {table["50"]:.6g}.')
   return {'table': table, 'metadata': metadata}
+
+
+def write_once(path: str, argv: Sequence[str]) -> str:
+  """The table of `main(argv)` at `path`, computed by process 0 only.
+
+  Scanning the split costs a host's CPUs for minutes to hours, and every
+  host would find the same table: process 0 computes it (unless `path`
+  exists: a resumed run keeps its table) and writes it atomically, so that a
+  crash leaves no half-written table for the next attempt to trust. The
+  other hosts wait in a collective that also carries whether process 0
+  succeeded (a failure there is raised on every host rather than leaving
+  them in a barrier), then read the same file: `path` must be on storage
+  every host sees, as the workdir's checkpoints already require. Returns
+  `path`, checked by each host's read.
+  """
+  error: BaseException | None = None
+  if jax.process_index() == 0 and not os.path.exists(path):
+    tmp = f'{path}.tmp-{os.getpid()}'
+    try:
+      main([*argv, f'--out={tmp}'])
+      os.replace(tmp, path)
+    except (Exception, SystemExit) as e:  # pylint: disable=broad-except
+      error = e  # raised below, once the other hosts know
+  ok = error is None
+  if jax.process_count() > 1:
+    ok = bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+  if error is not None:
+    raise error
+  if not ok:
+    raise RuntimeError(
+        f'Process 0 failed to compute the entropy threshold table {path}; '
+        'its log has the error.')
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f'Process 0 wrote the entropy threshold table {path}, but process '
+        f'{jax.process_index()} cannot see it: put the workdir on storage '
+        'that every host shares (the checkpoints need it too).')
+  entropy_lib.load_thresholds(path)
+  return path
 
 
 if __name__ == '__main__':

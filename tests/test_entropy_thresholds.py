@@ -1,6 +1,14 @@
-"""End-to-end test of the entropy threshold CLI on a tiny TFDS dataset."""
+"""End-to-end test of the entropy threshold CLI on a tiny TFDS dataset.
+
+Also the table of a 'auto' stage-1 run in two real processes on localhost:
+process 0 scans, process 1 reads its file.
+"""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -85,3 +93,76 @@ def test_cli_rejects_bad_flags(tmp_path):
   with pytest.raises(SystemExit):
     cli.main(['--dataset', 'x', '--bin_range=1,0', '--out',
               str(tmp_path / 'a.json')])
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One host of a 2-process run: stage 1's 'auto' table for a dataset that does
+# not exist, then twice (start, resume) for the tiny one. Prints, per call,
+# the error or the table path and how many scans this process ran.
+_HOST = r'''
+import json, sys
+from dqvq import distributed
+address, index, data_dir, workdir = sys.argv[1:]
+distributed.initialize(address, 2, int(index))
+import ml_collections
+from dqvq import entropy_thresholds
+from dqvq.trainers import stage1
+scans = []
+scan = entropy_thresholds.main
+entropy_thresholds.main = lambda argv: scans.append(1) or scan(argv)
+calls = []
+for dataset, where in (('nosuch', '/bad'), ('dqvq_tiny_entropy', ''),
+                       ('dqvq_tiny_entropy', '')):
+  c = ml_collections.ConfigDict({
+      'model': {'router': 'entropy', 'entropy_thresholds': 'auto',
+                'grain_factors': (8, 4)},
+      'data': {'data_dir': data_dir, 'name': dataset, 'train_split': 'train',
+               'resolution': 32},
+      'entropy_num_images': 4})
+  try:
+    stage1.resolve_entropy_thresholds(c, workdir + where)
+    calls.append({'path': c.model.entropy_thresholds, 'scans': len(scans)})
+  except Exception as e:
+    calls.append({'error': type(e).__name__, 'scans': len(scans)})
+print('CALLS', json.dumps(calls))
+'''
+
+
+def test_two_hosts_scan_once(tiny_dataset, tmp_path):
+  """Process 0 computes and writes the table; process 1 waits and reads it.
+
+  A failure on process 0 reaches process 1 as an error (no host is left in
+  the barrier), and a resumed run scans nothing.
+  """
+  data_dir, _ = tiny_dataset
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    address = f'127.0.0.1:{s.getsockname()[1]}'
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3')
+  workdir = str(tmp_path / 'run')
+  hosts = [subprocess.Popen(
+      [sys.executable, '-c', _HOST, address, str(i), data_dir, workdir],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    outputs = [host.communicate(timeout=300) for host in hosts]
+  finally:
+    for host in hosts:  # one that failed leaves the other in a collective
+      if host.poll() is None:
+        host.kill()
+  calls = []
+  for host, (out, err) in zip(hosts, outputs):
+    assert host.returncode == 0, out[-2000:] + err[-3000:]
+    calls.append(json.loads(out.split('CALLS', 1)[1]))
+  path = os.path.join(workdir, 'entropy_thresholds.json')
+  (bad0, first0, resumed0), (bad1, first1, resumed1) = calls
+  assert bad0 == {'error': 'DatasetNotFoundError', 'scans': 1}
+  assert bad1 == {'error': 'RuntimeError', 'scans': 0}
+  assert first0 == resumed0 == {'path': path, 'scans': 2}
+  assert first1 == resumed1 == {'path': path, 'scans': 0}
+  assert sorted(os.listdir(workdir)) == ['entropy_thresholds.json']
+  table, meta = E.load_thresholds(path)
+  assert meta['num_images'] == 4 and meta['resolution'] == 32
+  assert len(table) == 99

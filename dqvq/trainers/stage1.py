@@ -278,29 +278,26 @@ def resolve_entropy_thresholds(config: ml_collections.ConfigDict,
 
   Computed once with the same tool as `python -m dqvq.entropy_thresholds`
   (eval preprocessing at the training resolution) and kept in the workdir, so
-  a resumed run routes exactly as before.
+  a resumed run routes exactly as before. In a multi-host run process 0 scans
+  the split and the other hosts read its file (`write_once`).
   """
   m = config.model
   if m.router != 'entropy' or m.get('entropy_thresholds') != 'auto':
     return
-  path = os.path.join(workdir, 'entropy_thresholds.json')
-  if jax.process_index() != 0:
-    path = os.path.join(workdir, f'entropy_thresholds.{jax.process_index()}.json')
-  if not os.path.exists(path):
-    from dqvq import entropy_thresholds  # pylint: disable=g-import-not-at-top
-    default = dqvae.DQVAE.__dataclass_fields__
-    field = lambda k: m.get(k, default[k].default)
-    lo, hi = field('entropy_bin_range')
-    entropy_thresholds.main([
-        f'--data_dir={config.data.data_dir}', f'--dataset={config.data.name}',
-        f'--split={config.data.train_split}',
-        f'--resolution={config.data.resolution}',
-        f'--region_size={m.grain_factors[0]}', f'--bin_range={lo},{hi}',
-        f'--num_bins={field("entropy_num_bins")}',
-        f'--sigma={field("entropy_sigma")}',
-        f'--num_images={config.get("entropy_num_images", 0)}',
-        f'--out={path}'])
-  m.entropy_thresholds = path
+  from dqvq import entropy_thresholds  # pylint: disable=g-import-not-at-top
+  default = dqvae.DQVAE.__dataclass_fields__
+  field = lambda k: m.get(k, default[k].default)
+  lo, hi = field('entropy_bin_range')
+  m.entropy_thresholds = entropy_thresholds.write_once(
+      os.path.join(workdir, 'entropy_thresholds.json'), [
+          f'--data_dir={config.data.data_dir}',
+          f'--dataset={config.data.name}',
+          f'--split={config.data.train_split}',
+          f'--resolution={config.data.resolution}',
+          f'--region_size={m.grain_factors[0]}', f'--bin_range={lo},{hi}',
+          f'--num_bins={field("entropy_num_bins")}',
+          f'--sigma={field("entropy_sigma")}',
+          f'--num_images={config.get("entropy_num_images", 0)}'])
 
 
 def lpips_params_for(config: ml_collections.ConfigDict) -> Any:
