@@ -83,11 +83,12 @@ def export_sample_program(gen: generator_lib.Generator, path: str,
   arrays for any caller.
   """
   sampler = sampling.make_sampler(gen.model, config)
-  pictures = gen._pictures()  # pylint: disable=protected-access
 
   def sample(params, labels, key_data):
     out = sampler(params, labels, jax.random.wrap_key_data(key_data))
-    pics = pictures(out['content'], out['position'])
+    pics = generator_lib.decode_streams(gen.tokenizer, out['content'],
+                                        out['position'], gen.layout,
+                                        previews=False)
     return {'image': pics['image'], 'codes': pics['codes'],
             'grain_map': pics['grain_map'], 'content': out['content'],
             'position': out['position'], 'num_codes': out['num_codes']}

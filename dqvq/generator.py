@@ -31,6 +31,24 @@ from dqvq import tokenizer as tokenizer_lib
 from dqvq.trainers import stage2
 
 
+def decode_streams(tok: tokenizer_lib.Tokenizer, content: jax.Array,
+                   position: jax.Array, layout: sequence.StreamLayout,
+                   previews: bool = True) -> dict[str, jax.Array]:
+  """Sampled streams -> images, code maps, grain maps and write counts.
+
+  `previews` adds the coarse-only decode, a second decoder pass that
+  evaluation has no use for. Plain traceable code: the generator runs it
+  under `shard_map`, the exported sample program as it is.
+  """
+  codes, writes = sequence.decode(content, position, layout)
+  grain_map = sequence.grain_map_from_streams(position, layout)
+  out = dict(image=tok.decode(codes), codes=codes, writes=writes,
+             grain_map=grain_map)
+  if previews:
+    out['preview'] = tok.decode(
+        sampling.preview_codes(content, position, layout))
+  return out
+
 @dataclasses.dataclass
 class Generator:
   """DQ-Transformer + tokenizer; `sample` returns images and their tokens.
@@ -91,17 +109,8 @@ class Generator:
     """
     key = ('pictures', previews)
     if key not in self._compiled:
-      layout = self.layout
-
-      def pictures(tok, content, position):
-        codes, writes = sequence.decode(content, position, layout)
-        grain_map = sequence.grain_map_from_streams(position, layout)
-        out = dict(image=tok.decode(codes), codes=codes, writes=writes,
-                   grain_map=grain_map)
-        if previews:  # a second decoder pass; evaluation has no use for it
-          out['preview'] = tok.decode(
-              sampling.preview_codes(content, position, layout))
-        return out
+      pictures = functools.partial(decode_streams, layout=self.layout,
+                                   previews=previews)
       rows = sharding.batch_sharding(self.mesh).spec
       self._compiled[key] = functools.partial(jax.jit(jax.shard_map(
           pictures, mesh=self.mesh, in_specs=(P(), rows, rows),
