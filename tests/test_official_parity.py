@@ -131,4 +131,7 @@ def test_stackgpt_cached_decoding_matches(reference, bundles):
   io = sequence.model_inputs(_streams(gen, reference), gen.layout)
   pos, con = cached_logits(gen.model, gen.params, io)
   keep = ~io['targets']['pad']
+  # Every official row has a cached counterpart (52 and 34 inputs).
+  assert np.asarray(keep).sum(1).tolist() == [
+      len(reference[f'stackgpt/content_logits_{i}']) for i in range(2)]
   _check(_per_image(pos, keep), _per_image(con, keep), reference)
