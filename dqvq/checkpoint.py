@@ -157,7 +157,11 @@ class Checkpointer(checkpoint_restore.CheckpointRestorer):
       check_state_finite: refuse to save a state with NaN/inf floats.
       stop_sync_every: on multi-host jobs without JAX's preemption service,
         `should_stop(step)` agrees on the local signal flags with a host
-        all-gather every this many steps (each is a small host sync).
+        all-gather at the steps that are multiples of this (each is a host
+        round trip that waits for every host). The training loop passes its
+        `log_every`, whose steps already wait for the metrics, so no step in
+        between adds a host sync; a signal is then acted on at the next
+        logging step.
     """
     if best_mode not in ('min', 'max'):
       raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}.")

@@ -106,6 +106,7 @@ _LOOP = textwrap.dedent("""
     import grain, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from dqvq import checkpoint as ckpt_lib
+    SYNC_EVERY = 5  # the training loop passes its log_every
 
     mesh = jax.sharding.Mesh(
         np.array(jax.devices()).reshape(-1, 1), ('data', 'fsdp'),
@@ -117,7 +118,8 @@ _LOOP = textwrap.dedent("""
         out_shardings=shardings)
     state = jax.device_put(
         {'w': np.zeros((8, 3), np.float32), 'count': np.int32(0)}, shardings)
-    ckpt = ckpt_lib.Checkpointer(workdir, save_every=7, keep=2)
+    ckpt = ckpt_lib.Checkpointer(workdir, save_every=7, keep=2,
+                                 stop_sync_every=SYNC_EVERY)
     ckpt_lib.install_preemption_handler()
     data = grain.MapDataset.range(10**6)[pid::nproc].to_iter_dataset()
     it = iter(data)
@@ -219,6 +221,10 @@ def test_multihost_sigterm_on_one_host_stops_all_at_one_step(tmp_path,
   results = _run_loops_and_sigterm_last(tmp_path, nproc=2, service=service)
   (stop0, restored0, next0), (stop1, restored1, next1) = results
   assert stop0 == stop1 == restored0 == restored1 > 1
+  if not service:
+    # The hosts exchanged their flags only at multiples of stop_sync_every
+    # (the loop's logging steps), never on the steps between.
+    assert stop0 % 5 == 0, stop0
   # Host p reads elements p, p + 2, ...: each resumes its own position.
   assert (next0, next1) == (2 * stop0, 2 * stop0 + 1)
   data_files = sorted(os.listdir(tmp_path / 'checkpoints' / str(stop0) /

@@ -151,7 +151,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> Any:
   checkpointer = ckpt_lib.Checkpointer(
       workdir, save_every=config.checkpoint_every,
       keep=config.keep_checkpoints, best_metric=config.best_metric or None,
-      best_mode='min', config=config.to_dict())
+      best_mode='min', config=config.to_dict(),
+      # Hosts agree on a stop signal at logging steps only (they sync there
+      # anyway); between them a step is dispatched without a host round trip.
+      stop_sync_every=config.log_every)
   writer = None
   try:
     guard = ckpt_lib.DivergenceGuard(config.get('loss_spike_factor', 10.0),
