@@ -31,8 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from dqvq import distributed
-from dqvq import host_allocator
+from dqvq import cpu_tuning
 from dqvq.models import fast_conv
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -90,7 +89,7 @@ def xla_conv(x, w):
 
 
 def fast_conv_fn(x, w):
-  return fast_conv.conv2d(x, w, (1, 1), PAD)
+  return fast_conv.conv2d(x, w, (1, 1), PAD, cpu_kernels=True)
 
 
 def run_case(batch: int, size: int, channels: int, dtype: jnp.dtype,
@@ -98,13 +97,9 @@ def run_case(batch: int, size: int, channels: int, dtype: jnp.dtype,
   """Returns (xla GFLOP/s, fast GFLOP/s, max relative weight-grad diff)."""
   x, w, ct = make_inputs(batch, size, channels, dtype)
   xla_step = grad_step(xla_conv)
-  fast_conv.set_fast_conv_grad(True)  # Traced on the first call below.
   fast_step = grad_step(fast_conv_fn)
-  try:
-    want = jax.block_until_ready(xla_step(x, w, ct))
-    got = jax.block_until_ready(fast_step(x, w, ct))
-  finally:
-    fast_conv.set_fast_conv_grad(None)
+  want = jax.block_until_ready(xla_step(x, w, ct))
+  got = jax.block_until_ready(fast_step(x, w, ct))
   rel = max(
       float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32))) /
             jnp.max(jnp.abs(r.astype(jnp.float32))))
@@ -219,8 +214,6 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--weight_grad_variants', action='store_true',
                       help='also time the weight gradient alone, per variant')
   args = parser.parse_args(argv)
-  # XLA:CPU as dqvq's entry points set it up (dqvq.distributed).
-  distributed.apply_cpu_defaults()
   dtype = jnp.dtype(args.dtype)
   print(f'backend={jax.default_backend()} devices={jax.device_count()} '
         f'dtype={args.dtype} repeats={args.repeats} (median)', flush=True)
@@ -244,5 +237,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-  host_allocator.reexec_with_huge_pages()
+  cpu_tuning.prepare_process()
   main()

@@ -35,8 +35,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from dqvq import distributed
-from dqvq import host_allocator
+from dqvq import cpu_tuning
 from dqvq.models import decoder as decoder_lib
 from dqvq.models import discriminator as disc_lib
 from dqvq.models import encoder as encoder_lib
@@ -86,8 +85,9 @@ def profile_models(batch: int, res: int, repeats: int) -> None:
   key = jax.random.key(0)
   x = jax.random.uniform(key, (batch, res, res, 3), minval=-1, maxval=1)
   cases = {}
+  cpu = cpu_tuning.cpu_kernels(jax.devices())  # as the trainer decides
 
-  enc = encoder_lib.HierarchicalEncoder()
+  enc = encoder_lib.HierarchicalEncoder(cpu_kernels=cpu)
   enc_p = jax.jit(enc.init)(key, x)
 
   def enc_loss(p, x):
@@ -96,7 +96,7 @@ def profile_models(batch: int, res: int, repeats: int) -> None:
   cases['encoder fwd'] = (enc_loss, (enc_p, x))
   cases['encoder fwd+bwd'] = (jax.grad(enc_loss), (enc_p, x))
 
-  dec = decoder_lib.Decoder()
+  dec = decoder_lib.Decoder(cpu_kernels=cpu)
   z = jax.random.normal(key, (batch, res // 8, res // 8, 256))
   dec_p = jax.jit(dec.init)(key, z)
 
@@ -106,7 +106,7 @@ def profile_models(batch: int, res: int, repeats: int) -> None:
   cases['decoder fwd'] = (dec_loss, (dec_p, z))
   cases['decoder fwd+bwd'] = (jax.grad(dec_loss, argnums=(0, 1)), (dec_p, z))
 
-  lp = perceptual.LPIPS()
+  lp = perceptual.LPIPS(cpu_kernels=cpu)
   lp_p = {'params': perceptual.init_lpips_params()}
 
   def lp_loss(xh, x):
@@ -115,7 +115,7 @@ def profile_models(batch: int, res: int, repeats: int) -> None:
   cases['lpips fwd'] = (lp_loss, (x, x * 0.9))
   cases['lpips fwd+input grad'] = (jax.grad(lp_loss), (x, x * 0.9))
 
-  disc = disc_lib.NLayerDiscriminator()
+  disc = disc_lib.NLayerDiscriminator(cpu_kernels=cpu)
   d_v = jax.jit(functools.partial(disc.init, train=False))(key, x)
 
   def d_loss(p, x):
@@ -156,7 +156,6 @@ def conv_shapes(batch: int, res: int) -> list[tuple[int, int, int, int, int,
 def profile_convs(batch: int, res: int, repeats: int, which: str) -> None:
   """Forward / input grad / weight grad of each conv shape, XLA vs fast."""
   print('convs (b, size, cin, cout, k, stride):')
-  fast_conv.set_fast_conv_grad(True)  # For 'fast', traced in time_cases.
   for b, s, cin, cout, k, st in conv_shapes(batch, res):
     pad = ((1, 1), (1, 1)) if st == 1 or k == 4 else ((0, 0), (0, 0))
     kx, kw, kc = jax.random.split(jax.random.key(0), 3)
@@ -174,7 +173,7 @@ def profile_convs(batch: int, res: int, repeats: int, which: str) -> None:
                                       dimension_numbers=DN)
 
     def fast(x, w):
-      return fast_conv.conv2d(x, w, (st, st), pad)
+      return fast_conv.conv2d(x, w, (st, st), pad, cpu_kernels=True)
 
     cases, flops = {}, {}
     for name, conv in (('xla', xla), ('fast', fast)):
@@ -191,7 +190,6 @@ def profile_convs(batch: int, res: int, repeats: int, which: str) -> None:
             (x, w, ct))
         flops[f'{name} weight grad'] = one
     time_cases(cases, repeats, flops)
-  fast_conv.set_fast_conv_grad(None)
 
 
 def profile_norm(batch: int, res: int, repeats: int) -> None:
@@ -221,8 +219,6 @@ def main() -> None:
   p.add_argument('--repeats', type=int, default=3)
   p.add_argument('--conv_passes', default='all', choices=['all', 'fwd', 'bwd'])
   args = p.parse_args()
-  # XLA:CPU as dqvq's entry points set it up (dqvq.distributed).
-  distributed.apply_cpu_defaults()
   if 'models' in args.part:
     profile_models(args.batch, args.resolution, args.repeats)
   if 'convs' in args.part:
@@ -232,5 +228,5 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  host_allocator.reexec_with_huge_pages()
+  cpu_tuning.prepare_process()
   main()

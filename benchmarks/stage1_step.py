@@ -34,8 +34,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from dqvq import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dqvq import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dqvq import host_allocator  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dqvq import cpu_tuning  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dqvq.models import fast_conv  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dqvq.trainers import stage1  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import stage1_profile  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -61,8 +60,6 @@ def main() -> None:
   p.add_argument('--no_flops', action='store_true',
                  help='skip the second compile that counts FLOPs')
   args = p.parse_args()
-  # XLA:CPU as dqvq's entry points set it up (dqvq.distributed).
-  distributed.apply_cpu_defaults()
 
   config = config_lib.stage1_config(VARIANT_ARGS[args.variant])
   config.batch_size = args.batch
@@ -71,7 +68,8 @@ def main() -> None:
   config.compute_dtype = 'bfloat16' if args.bf16 else 'float32'
   if config.model.router == 'entropy':
     config.model.entropy_thresholds = None  # quota routing: same cost
-  models = stage1.build_models(config)
+  cpu_kernels = cpu_tuning.cpu_kernels(jax.devices())
+  models = stage1.build_models(config, cpu_kernels)
   shape = (1, args.resolution, args.resolution, 3)
   state = jax.jit(functools.partial(stage1.init_state, models,
                                     image_shape=shape))(jax.random.key(0))
@@ -88,6 +86,7 @@ def main() -> None:
   print(f'compile: {time.perf_counter() - t0:.1f} s', flush=True)
   flops = 0.0
   if not args.no_flops:
+    # A CPU step's weight gradients loop over blocks, which XLA counts once.
     with fast_conv.whole_image_weight_grads():
       flops = stage1_profile.flops_of(
           functools.partial(stage1.train_step, models), state, batch, lpips)
@@ -111,5 +110,6 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  host_allocator.reexec_with_huge_pages()
+  # The process as dqvq's entry points set it up (CPU runs only).
+  cpu_tuning.prepare_process()
   main()

@@ -43,8 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dqvq import config_lib
-from dqvq import distributed
-from dqvq import host_allocator
+from dqvq import cpu_tuning
 from dqvq import tokenizer as tokenizer_lib
 from dqvq.models import transformer as transformer_lib
 from dqvq.trainers import common
@@ -108,8 +107,6 @@ def main() -> None:
                  help='coarse,fine stream capacities (config.model.'
                  'capacities; default: every cell, 1,283 inputs)')
   args = p.parse_args()
-  # XLA:CPU as dqvq's entry points set it up (dqvq.distributed).
-  distributed.apply_cpu_defaults()
 
   config = config_lib.stage2_config('large' if args.size == 'large' else None)
   if args.tiny:
@@ -158,5 +155,5 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  host_allocator.reexec_with_huge_pages()
+  cpu_tuning.prepare_process()
   main()

@@ -83,7 +83,7 @@ def _tokenizer_shape(config: Any, grain_factors: Sequence[int],
 
 
 def _stage_parts(config: Any, mesh: Any, grain_factors: Sequence[int],
-                 codebook_size: int) -> tuple[Any, ...]:
+                 codebook_size: int, cpu_kernels: bool) -> tuple[Any, ...]:
   """(step fn, abstract state, state shardings, abstract batch, frozen)."""
   # pylint: disable=g-import-not-at-top
   import jax
@@ -95,7 +95,7 @@ def _stage_parts(config: Any, mesh: Any, grain_factors: Sequence[int],
   if config.stage == 1:
     from dqvq.models import perceptual  # pylint: disable=g-import-not-at-top
     from dqvq.trainers import stage1  # pylint: disable=g-import-not-at-top
-    models = stage1.build_models(config)
+    models = stage1.build_models(config, cpu_kernels)
     abstract = jax.eval_shape(
         lambda r: stage1.init_state(models, r, (1, res, res, 3)), key)
     shardings = sharding.infer_state_shardings(abstract, mesh)
@@ -137,14 +137,18 @@ def check(config: Any, devices: Sequence[Any], *, data: int = -1,
   import jax
   from dqvq import config_lib
   from dqvq import sharding
+  from dqvq import cpu_tuning
   from dqvq.models import fast_conv
   # pylint: enable=g-import-not-at-top
   config_lib.validate_config(config, num_devices=len(devices),
                               tokenizer_ready=config.stage == 1)
   fsdp = config.mesh.fsdp if fsdp is None else fsdp
   mesh = sharding.create_mesh(data, fsdp, devices=devices)
+  # The mesh's platform decides, as in training: a TPU or GPU topology
+  # planned from a CPU host gets the accelerator's program, not CPU kernels.
+  cpu_kernels = cpu_tuning.cpu_kernels(mesh)
   step, abstract, shardings, batch, frozen = _stage_parts(
-      config, mesh, grain_factors, codebook_size)
+      config, mesh, grain_factors, codebook_size, cpu_kernels)
   batch_sh = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
   fn = jax.jit(step, in_shardings=(shardings, batch_sh, replicated),
@@ -158,7 +162,7 @@ def check(config: Any, devices: Sequence[Any], *, data: int = -1,
         mem, f'{name}_size_in_bytes', 0) or 0) / GiB
   figures['total_gib'] = (figures['argument_gib'] + figures['output_gib'] +
                           figures['temp_gib'] - figures['alias_gib'])
-  if config.stage == 1 and fast_conv.use_fast_conv_grad():
+  if config.stage == 1 and cpu_kernels:
     # The CPU weight gradients loop over blocks of rows, whose bodies XLA
     # counts once: count FLOPs on the same step traced in one block (a
     # fresh function, so that jax traces it anew).

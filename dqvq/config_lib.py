@@ -70,7 +70,7 @@ def model_config(variant: str | None, runlocal: bool,
   # Every DQVAE field is present, so any of them can be overridden from the
   # command line (a locked ConfigDict rejects unknown keys).
   for field, spec in dqvae.DQVAE.__dataclass_fields__.items():
-    if field in ('parent', 'name', 'dtype') or field in kw:
+    if field in dqvae.NON_CONFIG_FIELDS or field in kw:
       continue
     kw[field] = spec.default
   if kw['entropy_thresholds'] is None:

@@ -40,8 +40,8 @@ import tqdm
 
 from dqvq import bundle as bundle_lib
 from dqvq import checkpoint as ckpt_lib
+from dqvq import cpu_tuning
 from dqvq import distributed
-from dqvq import host_allocator
 from dqvq import metrics as metrics_lib
 from dqvq import sample
 from dqvq import sampling
@@ -360,6 +360,7 @@ def options_from_flags() -> EvalOptions:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  cpu_tuning.prepare_process()  # CPU runs only; may restart once
   distributed.initialize()
   payload = run(options_from_flags())
   if jax.process_index() == 0:
@@ -369,6 +370,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  host_allocator.reexec_with_huge_pages()
   define_flags()
   app.run(main)

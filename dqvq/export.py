@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from dqvq import checkpoint as ckpt_lib
+from dqvq import cpu_tuning
 from dqvq import generator as generator_lib
-from dqvq import host_allocator
 from dqvq import sampling
 from dqvq import tokenizer as tokenizer_lib
 
@@ -53,6 +53,7 @@ def export_tokenizer_programs(tok: tokenizer_lib.Tokenizer, path: str,
                               platforms: Sequence[str] | None = None
                               ) -> dict[str, Any]:
   """encode / decode with a symbolic batch dimension 'b'."""
+  tok = tokenizer_lib.for_platforms(tok, platforms)
   res = tok.config.data.resolution
   grid = res // tok.vae.grain_factors[-1]  # codes live on the finest grid
   (b,) = jax.export.symbolic_shape('b')
@@ -83,10 +84,11 @@ def export_sample_program(gen: generator_lib.Generator, path: str,
   arrays for any caller.
   """
   sampler = sampling.make_sampler(gen.model, config)
+  tok = tokenizer_lib.for_platforms(gen.tokenizer, platforms)
 
   def sample(params, labels, key_data):
     out = sampler(params, labels, jax.random.wrap_key_data(key_data))
-    pics = generator_lib.decode_streams(gen.tokenizer, out['content'],
+    pics = generator_lib.decode_streams(tok, out['content'],
                                         out['position'], gen.layout,
                                         previews=False)
     return {'image': pics['image'], 'codes': pics['codes'],
@@ -167,6 +169,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS.out or not (FLAGS.workdir or FLAGS.checkpoint):
     raise app.UsageError('--out and --workdir (or --checkpoint) are needed.')
+  cpu_tuning.prepare_process()  # CPU runs only; may restart once
   path = export_run(FLAGS.workdir, FLAGS.out, checkpoint=FLAGS.checkpoint,
                     programs=FLAGS.programs,
                     program_batch=FLAGS.program_batch,
@@ -176,6 +179,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  host_allocator.reexec_with_huge_pages()
   define_flags()
   app.run(main)

@@ -17,16 +17,14 @@ batch 2, 256 px, s/step, each setting its own process, two rounds): plain
 (27.49 / 24.71) and nothing reliable on top of hugetlb=1 (21.75 / 25.66).
 
 glibc reads its tunables once, when the process starts, so the only way for
-a program to get them is to start again: `reexec_with_huge_pages` replaces
-the current process (same PID, same arguments, same interpreter) by one with
-`glibc.malloc.hugetlb=1` appended to GLIBC_TUNABLES. dqvq's command-line
-entry points call it first thing, before flags are parsed or a file is
-touched; libraries that import dqvq are never restarted. It does nothing
-where it cannot help (not glibc, transparent huge pages off or always on),
-when GLIBC_TUNABLES already names the tunable (the user's value wins), or
-with DQVQ_HUGE_PAGES=0. DQVQ_HUGE_PAGES=1 restarts even where the kernel
-mode says it would not help (for tests and for kernels that report their
-mode elsewhere).
+a program to get them is to start again: `restart_with` replaces the
+current process (same PID, same arguments, same interpreter) by one with
+`glibc.malloc.hugetlb=1` appended to GLIBC_TUNABLES. Only CPU runs do this,
+through `dqvq.cpu_tuning.prepare_process` (which logs it and which
+`--nocpu_tuning` turns off); libraries that import dqvq are never
+restarted. `restart_tunables` says when it would not help (not glibc,
+transparent huge pages off or always on) or when GLIBC_TUNABLES already
+names the tunable (the user's value wins).
 """
 
 from __future__ import annotations
@@ -37,10 +35,7 @@ import sys
 from typing import Mapping
 
 TUNABLE = 'glibc.malloc.hugetlb'
-ENV_VAR = 'DQVQ_HUGE_PAGES'
 THP_MODE_FILE = '/sys/kernel/mm/transparent_hugepage/enabled'
-_FALSE_VALUES = ('0', 'false', 'no', 'off')
-_TRUE_VALUES = ('1', 'true', 'yes', 'on')
 
 
 def with_huge_pages(tunables: str) -> str | None:
@@ -77,41 +72,38 @@ def _glibc_has_tunable() -> bool:
   return (major, minor) >= (2, 35)
 
 
-def restart_environment(environ: Mapping[str, str], mode: str | None,
-                        has_tunable: bool) -> dict[str, str] | None:
-  """The environment to restart with, or None to carry on as started.
+def restart_tunables(environ: Mapping[str, str] | None = None,
+                     mode: str | None = None, has_tunable: bool | None = None,
+                     force: bool = False) -> str | None:
+  """The GLIBC_TUNABLES to restart with, or None to carry on as started.
 
   Args:
-    environ: the current environment.
-    mode: the kernel's THP mode (see `thp_mode`).
-    has_tunable: whether this libc reads glibc.malloc.hugetlb.
+    environ: the environment (default: this process's).
+    mode: the kernel's THP mode (default: read, see `thp_mode`).
+    has_tunable: whether this libc reads glibc.malloc.hugetlb (default:
+      from the running libc).
+    force: restart even where the kernel mode says it would not help (for
+      tests, and kernels that report their mode elsewhere).
   """
-  choice = environ.get(ENV_VAR, '').strip().lower()
-  if choice in _FALSE_VALUES:
-    return None
-  if choice and choice not in _TRUE_VALUES:
-    raise ValueError(f'{ENV_VAR}={environ[ENV_VAR]!r}: use 1 (always restart '
-                     f'with huge pages), 0 (never) or leave it unset (auto).')
-  if choice not in _TRUE_VALUES and (not has_tunable or mode != 'madvise'):
-    return None
-  tunables = with_huge_pages(environ.get('GLIBC_TUNABLES', ''))
-  if tunables is None:
-    return None
-  return {**environ, 'GLIBC_TUNABLES': tunables}
+  environ = os.environ if environ is None else environ
+  if not force:
+    mode = thp_mode() if mode is None else mode
+    has_tunable = (_glibc_has_tunable() if has_tunable is None
+                   else has_tunable)
+    if not has_tunable or mode != 'madvise':
+      return None
+  return with_huge_pages(environ.get('GLIBC_TUNABLES', ''))
 
 
-def reexec_with_huge_pages() -> None:
-  """Restarts this process with glibc.malloc.hugetlb=1, if that would help.
+def restart_with(tunables: str) -> None:
+  """Replaces this process by itself with GLIBC_TUNABLES=`tunables`.
 
-  Call it first in a `__main__` block: everything the process did before is
-  done again by the new one. Returns only when no restart is needed (which
-  includes the restarted process itself, whose GLIBC_TUNABLES names the
-  tunable).
+  Everything the process did before is done again by the new one, so call
+  it first (`dqvq.cpu_tuning.prepare_process`). The restarted process's
+  GLIBC_TUNABLES names the tunable, so it does not restart again.
   """
-  env = restart_environment(os.environ, thp_mode(), _glibc_has_tunable())
-  if env is None:
-    return
   sys.stdout.flush()
   sys.stderr.flush()
   # orig_argv holds the interpreter's own options too (-m module, -X, -u).
-  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
+            {**os.environ, 'GLIBC_TUNABLES': tunables})

@@ -46,21 +46,22 @@ def disc_factor(step: Array | int, disc_start: int) -> Array:
 
 
 def conv_kernel_grad(features: Array, d_out: Array, kernel_size: int = 3,
-                     padding: int = 1) -> Array:
+                     padding: int = 1, cpu_kernels: bool = False) -> Array:
   """Gradient of a loss w.r.t. a stride-1 conv's kernel.
 
   A convolution is linear in its kernel, so d loss / d W depends only on the
   conv's input `features` and the cotangent `d_out` of its output; this lets
   the adaptive weight be formed without re-running the decoder.
+  `cpu_kernels`: as the decoder's (XLA:CPU's own kernel gradient is several
+  times slower than fast_conv's matmuls; accelerators keep XLA's).
   """
   c_in, c_out = features.shape[-1], d_out.shape[-1]
 
   def conv(kernel):
-    # fast_conv: XLA:CPU's own kernel gradient is several times slower.
     return fast_conv.conv2d(
         features.astype(jnp.float32), kernel, (1, 1),
         ((padding, padding), (padding, padding)),
-        precision=jax.lax.Precision.HIGHEST)
+        precision=jax.lax.Precision.HIGHEST, cpu_kernels=cpu_kernels)
 
   zero = jnp.zeros((kernel_size, kernel_size, c_in, c_out), jnp.float32)
   _, vjp = jax.vjp(conv, zero)
@@ -83,7 +84,8 @@ def adaptive_weight(nll_grad: Array, g_grad: Array, disc_weight: float = 1.0,
 
 def adaptive_gan_weight(last_layer_input: Array, nll_grad: Array,
                         g_grad: Array, disc_weight: float = 1.0,
-                        max_weight: float | None = 0.75) -> Array:
+                        max_weight: float | None = 0.75,
+                        cpu_kernels: bool = False) -> Array:
   """The adaptive weight from gradients at the decoder's conv_out kernel.
 
   Takes the two losses' gradients w.r.t. the reconstruction (conv_out's
@@ -96,10 +98,12 @@ def adaptive_gan_weight(last_layer_input: Array, nll_grad: Array,
     last_layer_input: conv_out's input (see `Decoder`).
     nll_grad, g_grad: d loss / d x_hat of the reconstruction loss and of
       the generator's GAN loss.
+    disc_weight, max_weight: see `adaptive_weight`.
+    cpu_kernels: the decoder's (see `conv_kernel_grad`).
   """
   feats = jax.lax.stop_gradient(last_layer_input)
-  return adaptive_weight(conv_kernel_grad(feats, nll_grad),
-                         conv_kernel_grad(feats, g_grad), disc_weight,
+  grad = lambda d: conv_kernel_grad(feats, d, cpu_kernels=cpu_kernels)
+  return adaptive_weight(grad(nll_grad), grad(g_grad), disc_weight,
                          max_weight)
 
 

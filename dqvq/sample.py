@@ -28,9 +28,9 @@ import jax
 import numpy as np
 import tqdm
 
+from dqvq import cpu_tuning
 from dqvq import distributed
 from dqvq import generator as generator_lib
-from dqvq import host_allocator
 from dqvq import sampling
 from dqvq import visualize
 
@@ -133,6 +133,7 @@ def sampling_config_from_flags() -> sampling.SamplingConfig:
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  cpu_tuning.prepare_process()  # CPU runs only; may restart once
   distributed.initialize()
   sources = [f for f in ('workdir', 'checkpoint', 'bundle') if FLAGS[f].value]
   if not FLAGS.out or len(sources) != 1:
@@ -145,6 +146,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  host_allocator.reexec_with_huge_pages()
   define_flags()
   app.run(main)

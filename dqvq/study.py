@@ -41,7 +41,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from dqvq import host_allocator
+from dqvq import cpu_tuning  # defines --cpu_tuning
+
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Runs and results go here.')
 _STEPS = flags.DEFINE_integer('steps', 240, 'Training steps of every model.')
@@ -125,6 +126,7 @@ def main(argv: Sequence[str]) -> None:
   if not os.path.isfile(_CONFIG.value.partition(':')[0]):
     raise app.UsageError(f'--config {_CONFIG.value} does not exist.')
   from dqvq import distributed  # pylint: disable=g-import-not-at-top
+  cpu_tuning.prepare_process()  # CPU runs only; may restart once
   distributed.initialize()
   from dqvq.eval import study_eval  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(_WORKDIR.value)
@@ -155,5 +157,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['workdir'])
-  host_allocator.reexec_with_huge_pages()
   app.run(main)

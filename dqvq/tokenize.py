@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from dqvq import host_allocator
+from dqvq import cpu_tuning
 from dqvq import tokenizer as tokenizer_lib
 from dqvq.data import tokens as tokens_lib
 
@@ -48,6 +48,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help='Replace a token dataset already in --out.')
   p.add_argument('--verify_images', type=int, default=8,
                  help='Validation images re-encoded to check the tokens.')
+  p.add_argument('--nocpu_tuning', dest='cpu_tuning', action='store_false',
+                 help='On CPU: no huge-page restart, XLA:CPU defaults '
+                 '(dqvq.cpu_tuning).')
   args = p.parse_args(argv)
   args.splits = [s.strip() for s in args.splits.split(',') if s.strip()]
   if not args.splits:
@@ -75,6 +78,7 @@ def summary(meta: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Runs the CLI; returns the metadata it wrote."""
   args = parse_args(argv)
+  cpu_tuning.prepare_process(args.cpu_tuning)  # CPU runs only
   tokenizer = tokenizer_lib.load_stage1(args.stage1_workdir)
   data_config = ml_collections.ConfigDict(tokenizer.config.data.to_dict())
   if args.data_dir:
@@ -93,5 +97,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == '__main__':
-  host_allocator.reexec_with_huge_pages()
   main(sys.argv[1:])

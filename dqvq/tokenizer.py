@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import flax
 import jax
@@ -22,6 +22,7 @@ import numpy as np
 
 from dqvq import bundle as bundle_lib
 from dqvq import checkpoint as ckpt_lib
+from dqvq import cpu_tuning
 from dqvq import sharding
 from dqvq.trainers import common
 from dqvq.trainers import stage1
@@ -203,6 +204,26 @@ def abstract_variables(config: ml_collections.ConfigDict) -> Any:
   return {'params': shapes['params'], 'codebook': shapes['codebook']}
 
 
+def _inference_vae(config: ml_collections.ConfigDict,
+                   mesh: jax.sharding.Mesh | None) -> Any:
+  """The DQ-VAE for the devices it will run on (`dqvq.cpu_tuning`)."""
+  devices = mesh.devices.flat if mesh is not None else jax.devices()
+  return common.build_dqvae(config.model,
+                            cpu_kernels=cpu_tuning.cpu_kernels(devices))
+
+
+def for_platforms(tok: Tokenizer, platforms: Sequence[str] | None
+                  ) -> Tokenizer:
+  """`tok` with the convolutions every one of `platforms` should run.
+
+  CPU kernels only when all of them are CPUs (None: this process's
+  platform); a program exported for cuda or tpu holds none of them.
+  """
+  targets = set(platforms or (jax.default_backend(),))
+  cpu = targets == {'cpu'} and cpu_tuning.enabled()
+  return tok.replace(vae=tok.vae.clone(cpu_kernels=cpu))
+
+
 def save_bundle(tok: Tokenizer, path: str,
                 meta: dict[str, Any] | None = None) -> str:
   """Writes `tok` as a 'tokenizer' bundle (see dqvq.bundle)."""
@@ -220,7 +241,7 @@ def load_bundle(path: str, mesh: jax.sharding.Mesh | None = None
   variables = bundle_lib.restore_variables(
       path, abstract_variables(config), mesh)
   tok = Tokenizer(params=variables['params'], codebook=variables['codebook'],
-                  vae=common.build_dqvae(config.model), config=config,
+                  vae=_inference_vae(config, mesh), config=config,
                   step=int(manifest['meta'].get('step', 0)),
                   workdir=manifest['path'],
                   fingerprint=fingerprint((variables['params'],
@@ -265,7 +286,7 @@ def load_stage1(workdir: str, mesh: jax.sharding.Mesh | None = None
   restored = checkpointer.restore_latest(target)
   checkpointer.close()
   state, step, _ = restored
-  vae = common.build_dqvae(config.model)
+  vae = _inference_vae(config, mesh)
   return Tokenizer(params=state.params, codebook=state.codebook, vae=vae,
                    config=config, step=step, workdir=os.path.abspath(workdir),
                    fingerprint=fingerprint((state.params, state.codebook)))

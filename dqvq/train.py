@@ -33,8 +33,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from dqvq import cpu_tuning
 from dqvq import distributed
-from dqvq import host_allocator
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/demo.py or configs/x.py:runlocal.',
@@ -123,6 +123,7 @@ def main(argv: list[str]) -> None:
   except OSError as e:
     _exit_with_message(f'{type(e).__name__}: {e}', USAGE_ERROR)
   try:
+    cpu_tuning.prepare_process()  # CPU runs only; may restart once
     distributed.initialize()  # before anything touches a device
     workdir = os.path.abspath(_WORKDIR.value)
     logging.info('JAX: %d processes, %d devices (%s).', jax.process_count(),
@@ -213,5 +214,4 @@ def run(config, workdir: str) -> None:
 
 
 if __name__ == '__main__':
-  host_allocator.reexec_with_huge_pages()
   app.run(main, flags_parser=_parse_flags)

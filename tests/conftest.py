@@ -18,12 +18,12 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from dqvq import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dqvq import cpu_tuning  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-# XLA:CPU's library choice as every dqvq entry point makes it, so that tests
+# XLA:CPU's library choice as every dqvq entry point makes it on CPU, so that tests
 # compare in-process results with `python -m dqvq.train` processes like for
 # like (tests/test_multihost.py) and run the step users run.
-distributed.apply_cpu_defaults()
+cpu_tuning.apply_xla_cpu_flags()
 
 # Compiling the toy models dominates the suite's time on CPU; a persistent
 # cache makes every run after the first mostly cache hits.

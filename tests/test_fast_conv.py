@@ -45,14 +45,6 @@ CASES = [
 CASE_IDS = [c[0] for c in CASES]
 
 
-@pytest.fixture(autouse=True)
-def _auto_dispatch():
-  """Each test starts from the automatic (backend-based) decision."""
-  fast_conv.set_fast_conv_grad(None)
-  yield
-  fast_conv.set_fast_conv_grad(None)
-
-
 def _data(hw, k, stride, padding, dtype, cin=3, cout=5, batch=2, seed=0):
   kx, kw, kc = jax.random.split(jax.random.PRNGKey(seed), 3)
   x = jax.random.normal(kx, (batch, *hw, cin), jnp.float32)
@@ -76,7 +68,8 @@ def _ref_vjp(x, w, dy, stride, padding):
 
 def _fast_vjp(x, w, dy, stride, padding):
   y, pull = jax.vjp(
-      lambda x, w: fast_conv.conv2d(x, w, (stride, stride), padding), x, w)
+      lambda x, w: fast_conv.conv2d(x, w, (stride, stride), padding,
+                                    cpu_kernels=True), x, w)
   return (y, *pull(dy))
 
 
@@ -170,44 +163,33 @@ def test_rows_per_block(monkeypatch, rows, bytes_per_row, budget, want):
   assert blocks * got - rows < blocks  # fewer zero rows than blocks
 
 
-def test_dispatch_follows_backend_env_and_override(monkeypatch):
-  assert jax.default_backend() == 'cpu'
-  assert fast_conv.use_fast_conv_grad()
-  monkeypatch.setenv(fast_conv.ENV_VAR, '0')
-  assert not fast_conv.use_fast_conv_grad()
-  monkeypatch.setenv(fast_conv.ENV_VAR, '1')
-  assert fast_conv.use_fast_conv_grad()
-  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  assert not fast_conv.use_fast_conv_grad()
-  fast_conv.set_fast_conv_grad(True)
-  assert fast_conv.use_fast_conv_grad()
-
-
 def _uses_custom_vjp(fn, *args) -> bool:
   return 'custom_vjp_call' in str(jax.make_jaxpr(fn)(*args))
 
 
-def test_disabled_path_is_plain_lax(monkeypatch):
+def test_the_caller_chooses_the_path_not_the_backend():
+  """cpu_kernels=False is plain lax (what accelerators get), on any backend;
+  True is the custom VJP, named by its scope in the lowered program."""
   x, w, _ = _data((6, 6), 3, 1, ((1, 1), (1, 1)), jnp.float32)
-  # The decision is taken at trace time and jax caches traces per function
-  # object, so each check traces a fresh function.
-  fn = lambda: lambda x, w: fast_conv.conv2d(x, w, (1, 1), ((1, 1), (1, 1)))
-  assert _uses_custom_vjp(fn(), x, w)
-  monkeypatch.setenv(fast_conv.ENV_VAR, '0')
-  assert not _uses_custom_vjp(fn(), x, w)
-  np.testing.assert_array_equal(fn()(x, w), lax.conv_general_dilated(
+  fn = lambda cpu: lambda x, w: fast_conv.conv2d(
+      x, w, (1, 1), ((1, 1), (1, 1)), cpu_kernels=cpu)
+  assert _uses_custom_vjp(fn(True), x, w)
+  assert not _uses_custom_vjp(fn(False), x, w)
+  np.testing.assert_array_equal(fn(False)(x, w), lax.conv_general_dilated(
       x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN))
+  grad = lambda cpu: jax.jit(jax.grad(lambda w: jnp.sum(fn(cpu)(x, w) ** 2)))
+  assert fast_conv.SCOPE in grad(True).lower(w).as_text(debug_info=True)
+  assert fast_conv.SCOPE not in grad(False).lower(w).as_text(debug_info=True)
 
 
 def test_downsample_forward_avoids_strided_xla_conv():
   """The 3x3 stride-2 forward runs as tap matmuls (XLA's strided conv is
   ~4x slower on CPU); its gradients are covered by the cases above."""
   x, w, _ = _data((9, 9), 3, 2, 'VALID', jnp.float32)
-  fwd = lambda x, w: fast_conv.conv2d(x, w, (2, 2), 'VALID')
-  assert 'conv_general_dilated' not in str(jax.make_jaxpr(fwd)(x, w))
-  fast_conv.set_fast_conv_grad(False)
-  assert 'conv_general_dilated' in str(jax.make_jaxpr(
-      lambda x, w: fast_conv.conv2d(x, w, (2, 2), 'VALID'))(x, w))
+  fwd = lambda cpu: lambda x, w: fast_conv.conv2d(x, w, (2, 2), 'VALID',
+                                                  cpu_kernels=cpu)
+  assert 'conv_general_dilated' not in str(jax.make_jaxpr(fwd(True))(x, w))
+  assert 'conv_general_dilated' in str(jax.make_jaxpr(fwd(False))(x, w))
 
 
 def _conv_pair(dtype=None, **kwargs):
@@ -266,7 +248,8 @@ def test_vmap_over_batch_of_batches():
   pad = ((1, 1), (1, 1))
 
   def vmapped(w, xs):
-    y = jax.vmap(lambda xb: fast_conv.conv2d(xb, w, (1, 1), pad))(xs)
+    y = jax.vmap(lambda xb: fast_conv.conv2d(xb, w, (1, 1), pad,
+                                             cpu_kernels=True))(xs)
     return jnp.sum(jnp.tanh(y))
 
   def folded(w, x):
@@ -287,7 +270,7 @@ def test_rank_other_than_four_errors_clearly():
   x = jnp.zeros((2, 3, 6, 6, 3))
   w = jnp.zeros((3, 3, 3, 4))
   with pytest.raises(ValueError, match='4-D NHWC'):
-    fast_conv.conv2d(x, w, (1, 1), 'VALID')
+    fast_conv.conv2d(x, w, (1, 1), 'VALID', cpu_kernels=True)
 
 
 @pytest.mark.parametrize('axis_type', ['Auto', 'Explicit'])

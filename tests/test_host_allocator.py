@@ -1,4 +1,5 @@
-"""The huge-page restart of dqvq's entry points (dqvq.host_allocator)."""
+"""The huge-page restart of CPU runs (dqvq.host_allocator, through
+dqvq.cpu_tuning)."""
 
 import os
 import subprocess
@@ -31,41 +32,37 @@ def test_thp_mode_reads_the_bracketed_mode(tmp_path):
   assert host_allocator.thp_mode(str(tmp_path / 'missing')) is None
 
 
-@pytest.mark.parametrize('env, mode, glibc, restarts', [
-    ({}, 'madvise', True, True),
-    ({}, 'always', True, False),      # the kernel already uses huge pages
-    ({}, 'never', True, False),       # the advice would be ignored
-    ({}, None, True, False),
-    ({}, 'madvise', False, False),    # not glibc, or older than 2.35
-    ({'DQVQ_HUGE_PAGES': '0'}, 'madvise', True, False),
-    ({'DQVQ_HUGE_PAGES': '1'}, 'never', False, True),
+@pytest.mark.parametrize('env, mode, glibc, force, restarts', [
+    ({}, 'madvise', True, False, True),
+    ({}, 'always', True, False, False),   # the kernel already uses huge pages
+    ({}, 'never', True, False, False),    # the advice would be ignored
+    ({}, '', True, False, False),         # mode unknown
+    ({}, 'madvise', False, False, False),  # not glibc, or older than 2.35
+    ({}, 'never', False, True, True),     # forced
     ({'GLIBC_TUNABLES': f'{host_allocator.TUNABLE}=0'}, 'madvise', True,
-     False),
+     False, False),                       # the user's value wins
+    ({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}, 'madvise', True, False,
+     True),
 ])
-def test_restart_environment(env, mode, glibc, restarts):
-  env = {'PATH': '/bin', **env}
-  new = host_allocator.restart_environment(env, mode, glibc)
+def test_restart_tunables(env, mode, glibc, force, restarts):
+  new = host_allocator.restart_tunables(env, mode, glibc, force=force)
   if not restarts:
     assert new is None
     return
-  assert new['GLIBC_TUNABLES'].split(':')[-1] == ON
-  assert new['PATH'] == '/bin'  # The rest of the environment is kept.
-
-
-def test_restart_environment_rejects_a_bad_switch():
-  with pytest.raises(ValueError, match='DQVQ_HUGE_PAGES'):
-    host_allocator.restart_environment({'DQVQ_HUGE_PAGES': 'maybe'},
-                                       'madvise', True)
+  assert new.split(':')[-1] == ON
+  assert new.split(':')[:-1] == [
+      e for e in env.get('GLIBC_TUNABLES', '').split(':') if e]
 
 
 def test_reexec_restarts_once_with_the_same_pid_and_arguments():
   script = ('import os, sys\n'
             'print("start", os.getpid(), flush=True)\n'
             'from dqvq import host_allocator\n'
-            'host_allocator.reexec_with_huge_pages()\n'
+            'tunables = host_allocator.restart_tunables(force=True)\n'
+            'if tunables: host_allocator.restart_with(tunables)\n'
             'print("after", os.getpid(), os.environ["GLIBC_TUNABLES"], '
             '"|".join(sys.argv[1:]))\n')
-  env = {**os.environ, 'DQVQ_HUGE_PAGES': '1', 'PYTHONPATH': ROOT,
+  env = {**os.environ, 'PYTHONPATH': ROOT,
          'GLIBC_TUNABLES': 'glibc.malloc.arena_max=4'}
   out = subprocess.run([sys.executable, '-c', script, 'a b', '--flag=1'],
                        env=env, capture_output=True, text=True, check=True,

@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 
 from dqvq import losses
-from dqvq.models import fast_conv
 from dqvq.models import layers
 from dqvq.trainers import stage1
 
@@ -56,7 +55,7 @@ def plain_upsample(next_fun, args, kwargs, context):
 @pytest.mark.parametrize('router', ['feature', 'entropy'])
 def test_step_gradient_equals_plain_jax_grad_on_demo_model(router):
   c = demo_stage1_config(router=router, entropy_thresholds=None)
-  models = stage1.build_models(c)
+  models = stage1.build_models(c, cpu_kernels=True)  # what a CPU run trains
   res = c.data.resolution
   state = jax.jit(functools.partial(stage1.init_state, models,
                                     image_shape=(1, res, res, 3)))(
@@ -69,15 +68,11 @@ def test_step_gradient_equals_plain_jax_grad_on_demo_model(router):
   batch = {'image': x, 'label': jnp.zeros((2,), jnp.int32),
            'mask': jnp.ones((2,), bool)}
 
-  fast_conv.set_fast_conv_grad(True)
-  try:
-    got, _, _, metrics = jax.jit(functools.partial(
-        stage1.generator_gradients, models))(state, batch, None)
-  finally:
-    fast_conv.set_fast_conv_grad(None)
+  got, _, _, metrics = jax.jit(functools.partial(
+      stage1.generator_gradients, models))(state, batch, None)
 
   rngs = stage1._rngs(state)  # pylint: disable=protected-access
-  vae = models.vae
+  vae = models.vae.clone(cpu_kernels=False)  # XLA's own conv gradients
 
   def total(params):
     out, _ = vae.apply({'params': params, 'codebook': state.codebook}, x,
@@ -89,12 +84,8 @@ def test_step_gradient_equals_plain_jax_grad_on_demo_model(router):
     return (losses.l1_loss(x, out['reconstruction'])
             + c.loss.codebook_weight * out['q_loss'] + budget)
 
-  fast_conv.set_fast_conv_grad(False)
-  try:
-    with nn.intercept_methods(plain_upsample):
-      loss, want = jax.jit(jax.value_and_grad(total))(state.params)
-  finally:
-    fast_conv.set_fast_conv_grad(None)
+  with nn.intercept_methods(plain_upsample):
+    loss, want = jax.jit(jax.value_and_grad(total))(state.params)
 
   np.testing.assert_allclose(metrics['loss'], loss, rtol=1e-5)
   flat_got = jax.tree_util.tree_leaves_with_path(got)

@@ -292,10 +292,11 @@ def test_learning_rate_schedule_official():
 def cli_env() -> dict[str, str]:
   """The environment of a `python -m dqvq.train` test subprocess: one CPU
   device (a toy step runs faster than on eight fake ones), no huge-page
-  re-exec, and this suite's persistent compilation cache, every program in
+  restart (a hugetlb tunable of the user's own wins, dqvq.cpu_tuning), and
+  this suite's persistent compilation cache, every program in
   it, so that warm runs skip compiling."""
   return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='',
-              DQVQ_HUGE_PAGES='0',
+              GLIBC_TUNABLES='glibc.malloc.hugetlb=0',
               JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
 

@@ -82,6 +82,7 @@ class Decoder(nn.Module):
   dropout: float = 0.0
   dtype: layers.Dtype | None = None
   norm_groups: int = 32
+  cpu_kernels: bool = False  # see layers.Conv
 
   @nn.compact
   def __call__(self, z: Array, train: bool = False) -> tuple[Array, Array]:
@@ -93,7 +94,7 @@ class Decoder(nn.Module):
     if self.position_embedding not in POSITION_EMBEDDINGS:
       raise ValueError(f'Unknown position_embedding {self.position_embedding!r};'
                        f' choose one of {POSITION_EMBEDDINGS}.')
-    dt = self.dtype
+    dt, cpu = self.dtype, self.cpu_kernels
     _, height, width, zc = z.shape
     if 'fourier' in self.position_embedding:
       z = z + FourierPositionEmbedding(zc, name='position_bias_fourier')(
@@ -103,20 +104,22 @@ class Decoder(nn.Module):
           height, width).astype(z.dtype)
 
     num_levels = len(self.ch_mult)
-    h = layers.Conv(self.ch * self.ch_mult[-1], 3, name='conv_in', dtype=dt)(z)
-    h = layers.MidBlock(self.dropout, dt, self.norm_groups, name='mid')(
+    h = layers.Conv(self.ch * self.ch_mult[-1], 3, name='conv_in', dtype=dt,
+                    cpu_kernels=cpu)(z)
+    h = layers.MidBlock(self.dropout, dt, self.norm_groups, cpu, name='mid')(
         h, train)
     for level in reversed(range(num_levels)):
       width_l = self.ch * self.ch_mult[level]
       for j in range(self.num_res_blocks + 1):
         h = layers.ResnetBlock(width_l, self.dropout, dt, self.norm_groups,
-                               name=f'up_{level}_block_{j}')(h, train)
+                               cpu, name=f'up_{level}_block_{j}')(h, train)
         if 2 ** level in self.attn_factors:
           h = layers.AttnBlock(dt, self.norm_groups,
                                name=f'up_{level}_attn_{j}')(h)
       if level != 0:
-        h = layers.Upsample(dt, name=f'up_{level}_upsample')(h)
+        h = layers.Upsample(dt, cpu, name=f'up_{level}_upsample')(h)
     h = layers.swish(layers.GroupNorm(self.norm_groups, name='norm_out',
                                       dtype=dt)(h))
-    out = layers.Conv(self.out_channels, 3, name='conv_out', dtype=dt)(h)
+    out = layers.Conv(self.out_channels, 3, name='conv_out', dtype=dt,
+                      cpu_kernels=cpu)(h)
     return out, h

@@ -119,11 +119,13 @@ class NLayerDiscriminator(nn.Module):
     ndf: width of the first conv; later widths are ndf * min(2**n, 8).
     n_layers: number of stride-2 convs.
     dtype: computation dtype of the convs (params are float32).
+    cpu_kernels: XLA:CPU's fast weight gradients (see layers.Conv).
   """
   input_nc: int = 3
   ndf: int = 64
   n_layers: int = 3
   dtype: Dtype | None = None
+  cpu_kernels: bool = False
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
@@ -134,7 +136,8 @@ class NLayerDiscriminator(nn.Module):
 
     def conv(features, stride, bias, idx):
       return Conv(features, 4, strides=stride, padding=1, use_bias=bias,
-                  kernel_init=_conv_init, dtype=self.dtype, name=f'main_{idx}')
+                  kernel_init=_conv_init, dtype=self.dtype,
+                  cpu_kernels=self.cpu_kernels, name=f'main_{idx}')
 
     lrelu = lambda h: nn.leaky_relu(h, negative_slope=0.2)
     h = lrelu(conv(self.ndf, 2, True, 0)(x))

@@ -33,6 +33,10 @@ Array = jax.Array
 
 GATE_GRADIENTS = ('scale', 'mixture')
 
+# DQVAE fields that are not `config.model` fields: Flax's own, and the run's
+# platform choices (set by whoever builds the model, not by a config).
+NON_CONFIG_FIELDS = ('parent', 'name', 'dtype', 'cpu_kernels')
+
 
 class DQVAE(nn.Module):
   """Dynamic-grained VQ autoencoder; one grain is plain VQGAN.
@@ -87,6 +91,10 @@ class DQVAE(nn.Module):
   entropy_num_bins: int = 32
   entropy_sigma: float = 0.01
   dtype: Any = None
+  # XLA:CPU's fast convolution gradients (layers.Conv). Not a config field:
+  # the trainer sets it from the mesh's platform (dqvq.cpu_tuning), so an
+  # accelerator run or export never traces the CPU code.
+  cpu_kernels: bool = False
 
   def setup(self):
     self.validate()
@@ -94,7 +102,7 @@ class DQVAE(nn.Module):
     self.encoder = encoder_lib.HierarchicalEncoder(
         factors, self.ch, tuple(self.ch_mult), self.num_res_blocks,
         tuple(self.attn_factors), self.z_channels, self.dropout, self.dtype,
-        self.norm_groups)
+        self.norm_groups, self.cpu_kernels)
     if self.router == 'feature' and len(factors) > 1:
       self.grain_router = router_lib.FeatureRouter(
           factors, self.gate_type, self.gumbel_tau, self.norm_groups)
@@ -106,15 +114,17 @@ class DQVAE(nn.Module):
     elif self.router == 'random':
       self.grain_router = router_lib.RandomRouter(
           factors, tuple(self.grain_ratios))
-    self.quant_conv = layers.Conv(self.codebook_dim, 1, padding=0)
+    self.quant_conv = layers.Conv(self.codebook_dim, 1, padding=0,
+                                  cpu_kernels=self.cpu_kernels)
     self.quantize = quantizer_lib.VectorQuantizer(
         self.codebook_size, self.codebook_dim, self.beta, self.ema_decay,
         self.restart_unused)
-    self.post_quant_conv = layers.Conv(self.z_channels, 1, padding=0)
+    self.post_quant_conv = layers.Conv(self.z_channels, 1, padding=0,
+                                       cpu_kernels=self.cpu_kernels)
     self.decoder = decoder_lib.Decoder(
         self.dec_ch, tuple(self.dec_ch_mult), self.dec_num_res_blocks,
         tuple(self.dec_attn_factors), 3, self.position_embedding, self.dropout,
-        self.dtype, self.norm_groups)
+        self.dtype, self.norm_groups, self.cpu_kernels)
 
   def validate(self) -> None:
     """Clear errors for configurations that cannot work, before compiling."""

@@ -71,21 +71,23 @@ class HierarchicalEncoder(nn.Module):
   dropout: float = 0.0
   dtype: layers.Dtype | None = None
   norm_groups: int = 32
+  cpu_kernels: bool = False  # see layers.Conv
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> list[Array]:
     num_levels = len(self.ch_mult)
     validate_grain_factors(self.grain_factors, num_levels)
     layers.check_divisible(x.shape[1:3], self.grain_factors[0], 'encoder')
-    dt = self.dtype
+    dt, cpu = self.dtype, self.cpu_kernels
     taps = {int(math.log2(f)): f for f in self.grain_factors}
     features = {}
 
-    h = layers.Conv(self.ch * self.ch_mult[0], 3, name='conv_in', dtype=dt)(x)
+    h = layers.Conv(self.ch * self.ch_mult[0], 3, name='conv_in', dtype=dt,
+                    cpu_kernels=cpu)(x)
     for level in range(num_levels):
       width = self.ch * self.ch_mult[level]
       for j in range(self.num_res_blocks):
-        h = layers.ResnetBlock(width, self.dropout, dt, self.norm_groups,
+        h = layers.ResnetBlock(width, self.dropout, dt, self.norm_groups, cpu,
                                name=f'down_{level}_block_{j}')(h, train)
         if 2 ** level in self.attn_factors:
           h = layers.AttnBlock(dt, self.norm_groups,
@@ -93,17 +95,17 @@ class HierarchicalEncoder(nn.Module):
       if level in taps:
         features[taps[level]] = h
       if level != num_levels - 1:
-        h = layers.Downsample(dt, name=f'down_{level}_downsample')(h)
+        h = layers.Downsample(dt, cpu, name=f'down_{level}_downsample')(h)
 
     outputs = []
     for role, f in zip(grain_lib.grain_role_names(len(self.grain_factors)),
                        self.grain_factors):
       suffix = f'_{role}' if role else ''
-      g = layers.MidBlock(self.dropout, dt, self.norm_groups,
+      g = layers.MidBlock(self.dropout, dt, self.norm_groups, cpu,
                           name=f'mid{suffix}')(
           features[f], train)
       g = layers.swish(layers.GroupNorm(
           self.norm_groups, name=f'norm_out{suffix}', dtype=dt)(g))
       outputs.append(layers.Conv(self.z_channels, 3, name=f'conv_out{suffix}',
-                                 dtype=dt)(g))
+                                 dtype=dt, cpu_kernels=cpu)(g))
     return outputs

@@ -22,8 +22,12 @@ large im2col matmul and one batched einsum over stacked taps were also
 measured; both were slower (they materialise a k*k times larger patch
 tensor), see benchmarks/conv_grad.py.
 
-Accelerators keep XLA's own gradient (`use_fast_conv_grad`): cuDNN and TPU
-convolutions compute weight gradients natively and fast.
+This is CPU-only code. Nothing here decides when it runs: the model layers
+carry a `cpu_kernels` field, set once from the mesh's platform
+(`dqvq.cpu_tuning.cpu_kernels`), and only call into this module when it is
+True. Accelerators keep XLA's own gradient: cuDNN and TPU convolutions
+compute weight gradients natively and fast, and a program traced or
+exported for them never contains these matmuls.
 
 Plug-in for Flax: `conv_general_dilated` below has the signature of
 `jax.lax.conv_general_dilated` and can be passed as
@@ -35,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from typing import Any, Sequence
 
 import jax
@@ -49,38 +52,10 @@ PadPairs = tuple[tuple[int, int], tuple[int, int]]
 # NHWC activations and HWIO kernels: Flax's (and this project's) layout.
 _DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
-ENV_VAR = 'DQVQ_FAST_CONV'
-_FALSE_VALUES = ('0', 'false', 'no', 'off')
-
-# Set by `set_fast_conv_grad`; None means "decide from env var and backend".
-_override: bool | None = None
-
-
-def set_fast_conv_grad(enabled: bool | None) -> None:
-  """Forces the custom weight gradient on or off (None restores auto).
-
-  For tests and benchmarks that compare both paths within one process; the
-  decision is taken at trace time, so already-jitted functions keep theirs.
-  """
-  global _override
-  _override = enabled
-
-
-def use_fast_conv_grad() -> bool:
-  """Whether `conv2d` should use the tap-matmul weight gradient.
-
-  Only on the CPU backend: there the weight gradient runs 2.4-7x faster than
-  XLA's own (a 3x3 conv's forward+backward 1.6-4x, benchmarks/conv_grad.py)
-  with jaxlib's default YNNPACK convolutions, and ~1.1x with the Eigen
-  convolutions that dqvq's entry points select (dqvq.distributed). GPUs/TPUs have native weight-gradient kernels that the custom VJP
-  would only slow down. `DQVQ_FAST_CONV=0` turns it off everywhere (e.g. to
-  rule it out when debugging), and `set_fast_conv_grad` overrides both.
-  """
-  if _override is not None:
-    return _override
-  if os.environ.get(ENV_VAR, '').strip().lower() in _FALSE_VALUES:
-    return False
-  return jax.default_backend() == 'cpu'
+# The name scope of every op this module adds: an exported or lowered
+# program names it in its op locations, so tests can prove that a program
+# for an accelerator holds none of it (tests/test_export_platforms.py).
+SCOPE = 'dqvq_cpu_kernels'
 
 
 def _plain_conv(x: Array, kernel: Array, strides: tuple[int, int],
@@ -361,11 +336,14 @@ _fast_conv.defvjp(_fast_conv_fwd, _fast_conv_bwd)
 
 
 def conv2d(x: Array, kernel: Array, strides: Sequence[int] = (1, 1),
-           padding: Padding = 'VALID', precision: Any = None) -> Array:
-  """NHWC x HWIO convolution; fast weight gradient on CPU.
+           padding: Padding = 'VALID', precision: Any = None, *,
+           cpu_kernels: bool) -> Array:
+  """NHWC x HWIO convolution; with `cpu_kernels`, XLA:CPU's fast gradient.
 
   Same values and gradients as `lax.conv_general_dilated` with NHWC/HWIO/NHWC
-  dimension numbers (up to float summation order).
+  dimension numbers (up to float summation order). The caller states the
+  path (`cpu_kernels`, the layer's field) so that nothing here depends on
+  the process's default backend.
 
   Args:
     x: (B, H, W, Cin) input.
@@ -374,6 +352,8 @@ def conv2d(x: Array, kernel: Array, strides: Sequence[int] = (1, 1),
     padding: ((top, bottom), (left, right)) or a lax padding string
       ('VALID', 'SAME', 'SAME_LOWER').
     precision: passed to the convolution and the weight-gradient matmuls.
+    cpu_kernels: True for the custom VJP above (CPU runs only); False for
+      plain `lax.conv_general_dilated`, which is what accelerators get.
 
   Returns:
     The (B, Ho, Wo, Cout) output.
@@ -385,8 +365,9 @@ def conv2d(x: Array, kernel: Array, strides: Sequence[int] = (1, 1),
         f'them into the batch axis.')
   strides = tuple(int(s) for s in strides)
   pads = _normalize_padding(padding, x.shape, kernel.shape, strides)
-  if use_fast_conv_grad():
-    return _fast_conv(x, kernel, strides, pads, precision)
+  if cpu_kernels:
+    with jax.named_scope(SCOPE):
+      return _fast_conv(x, kernel, strides, pads, precision)
   return _plain_conv(x, kernel, strides, pads, precision)
 
 
@@ -417,19 +398,21 @@ def conv_general_dilated(
     preferred_element_type: Any = None) -> Array:
   """Drop-in `lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=)`.
 
-  Routes undilated, ungrouped 2-D NHWC/HWIO convolutions (every conv in the
-  DQ-VAE models) to `conv2d` when `use_fast_conv_grad()`; anything else
-  (dilation, groups, other layouts or ranks, a preferred output type) goes to
-  lax unchanged, so the plug-in can never change what a layer computes.
+  For CPU runs only (a layer passes it when its `cpu_kernels` is on). Routes
+  undilated, ungrouped 2-D NHWC/HWIO convolutions (every conv in the DQ-VAE
+  models) to `conv2d`'s CPU path; anything else (dilation, groups, other
+  layouts or ranks, a preferred output type) goes to lax unchanged, so the
+  plug-in can never change what a layer computes.
   """
-  fast = (use_fast_conv_grad() and lhs.ndim == 4 and rhs.ndim == 4 and
+  fast = (lhs.ndim == 4 and rhs.ndim == 4 and
           len(window_strides) == 2 and _is_unit(lhs_dilation) and
           _is_unit(rhs_dilation) and feature_group_count == 1 and
           batch_group_count == 1 and preferred_element_type is None and
           lhs.dtype == rhs.dtype and
           _is_nhwc_hwio(dimension_numbers, lhs.shape, rhs.shape))
   if fast:
-    return conv2d(lhs, rhs, window_strides, padding, precision)
+    return conv2d(lhs, rhs, window_strides, padding, precision,
+                  cpu_kernels=True)
   return lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
       rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,

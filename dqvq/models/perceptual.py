@@ -70,6 +70,7 @@ def normalize_channels(x: Array, eps: float = 1e-10) -> Array:
 class VGG16Features(nn.Module):
   """torchvision VGG16 `features[:30]`; returns relu1_2 ... relu5_3 (NHWC)."""
   dtype: Dtype | None = None
+  cpu_kernels: bool = False  # see layers.Conv
 
   @nn.compact
   def __call__(self, x: Array) -> list[Array]:
@@ -78,6 +79,7 @@ class VGG16Features(nn.Module):
       if idx in _POOL_BEFORE:
         x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
       x = nn.relu(Conv(features, 3, padding=1, dtype=self.dtype,
+                       cpu_kernels=self.cpu_kernels,
                        name=f'features_{idx}')(x))
       if idx in VGG16_TAPS:
         taps.append(x)
@@ -99,9 +101,12 @@ class LPIPS(nn.Module):
       gives the deterministic eval-mode distance; set 0.5 to mimic the quirk.
     dtype: computation dtype of the VGG convs; normalisation and the lin heads
       run in float32.
+    cpu_kernels: XLA:CPU's fast convolution gradients (see layers.Conv); the
+      stage-1 loss takes LPIPS's input gradient, which they also speed up.
   """
   dropout: float = 0.0
   dtype: Dtype | None = None
+  cpu_kernels: bool = False
 
   @nn.compact
   def __call__(self, x0: Array, x1: Array, train: bool = False) -> Array:
@@ -116,7 +121,8 @@ class LPIPS(nn.Module):
     b = x0.shape[0]
     # One pass over both batches: same weights, half the kernel launches.
     x = (jnp.concatenate([x0, x1]).astype(jnp.float32) - shift) / scale
-    feats = VGG16Features(dtype=self.dtype, name='net')(x)
+    feats = VGG16Features(dtype=self.dtype, cpu_kernels=self.cpu_kernels,
+                          name='net')(x)
     total = jnp.zeros((b,), jnp.float32)
     for k, f in enumerate(feats):
       f = normalize_channels(f.astype(jnp.float32))

@@ -35,16 +35,21 @@ def compute_dtype(config: ml_collections.ConfigDict) -> Any:
 
 
 def build_dqvae(model_config: ml_collections.ConfigDict,
-                dtype: Any = None) -> dqvae.DQVAE:
-  """DQVAE from `config.model`, with a clear error for unknown fields."""
+                dtype: Any = None, cpu_kernels: bool = False) -> dqvae.DQVAE:
+  """DQVAE from `config.model`, with a clear error for unknown fields.
+
+  `cpu_kernels` is the run's platform decision (dqvq.cpu_tuning), not a
+  config field: a config means the same model on every platform.
+  """
   kwargs = {k: tuple(v) if isinstance(v, list) else v
             for k, v in model_config.to_dict().items()}
-  known = set(dqvae.DQVAE.__dataclass_fields__) - {'parent', 'name'}
+  known = set(dqvae.DQVAE.__dataclass_fields__) - set(
+      dqvae.NON_CONFIG_FIELDS)
   unknown = sorted(set(kwargs) - known)
   if unknown:
     raise ValueError(f'Unknown config.model fields {unknown}; DQVAE takes '
                      f'{sorted(known)}.')
-  model = dqvae.DQVAE(**kwargs, dtype=dtype)
+  model = dqvae.DQVAE(**kwargs, dtype=dtype, cpu_kernels=cpu_kernels)
   model.validate()
   return model
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from dqvq import cpu_tuning
 from dqvq import losses
 from dqvq import sharding
 from dqvq import visualize
@@ -73,18 +74,22 @@ def uses_lpips(config: ml_collections.ConfigDict) -> bool:
   return config.loss.perceptual_weight > 0
 
 
-def build_models(config: ml_collections.ConfigDict) -> Stage1Models:
+def build_models(config: ml_collections.ConfigDict,
+                 cpu_kernels: bool = False) -> Stage1Models:
+  """The step's modules; `cpu_kernels` from the mesh (dqvq.cpu_tuning)."""
   dtype = common.compute_dtype(config)
-  vae = common.build_dqvae(config.model, dtype)
+  vae = common.build_dqvae(config.model, dtype, cpu_kernels=cpu_kernels)
   schedule = common.learning_rate_schedule(config)
   tx = common.adam(config, schedule)
   disc = disc_tx = lpips = None
   if uses_gan(config):
     disc = disc_lib.NLayerDiscriminator(
-        ndf=config.disc.ndf, n_layers=config.disc.n_layers, dtype=dtype)
+        ndf=config.disc.ndf, n_layers=config.disc.n_layers, dtype=dtype,
+        cpu_kernels=cpu_kernels)
     disc_tx = common.adam(config, schedule)
   if uses_lpips(config):
-    lpips = perceptual.LPIPS(dropout=config.loss.lpips_dropout, dtype=dtype)
+    lpips = perceptual.LPIPS(dropout=config.loss.lpips_dropout, dtype=dtype,
+                             cpu_kernels=cpu_kernels)
   return Stage1Models(vae, disc, lpips, tx, disc_tx, schedule, config)
 
 
@@ -180,7 +185,7 @@ def generator_gradients(models: Stage1Models, state: Stage1State,
                      y)[0]))(x_hat)
     weight = losses.adaptive_gan_weight(
         out['decoder_features'], x_cot, g_cot, cfg.loss.disc_weight,
-        cfg.loss.disc_weight_max)
+        cfg.loss.disc_weight_max, cpu_kernels=models.vae.cpu_kernels)
     x_cot = x_cot + (weight * factor).astype(g_cot.dtype) * g_cot
     total = total + weight * factor * g
     metrics.update(g_loss=g, adaptive_weight=weight)
@@ -326,7 +331,7 @@ def make_task(config: ml_collections.ConfigDict, workdir: str,
       config.data, global_batch_size=config.batch_size, seed=config.seed,
       mesh=mesh, eval_batch_size=config.eval_batch_size)
   resolve_entropy_thresholds(config, workdir)
-  models = build_models(config)
+  models = build_models(config, cpu_tuning.cpu_kernels(mesh))
   res = config.data.resolution
   recon_fn = jax.jit(functools.partial(reconstruct, models))
 
