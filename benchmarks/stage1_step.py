@@ -6,13 +6,14 @@ cost is the same), PatchGAN, adaptive weight, budget loss, both Adam updates
 and the EMA codebook, jitted with the state donated, as `dqvq.train` runs it.
 
   python benchmarks/stage1_step.py --batch 2 --resolution 256 [--bf16] \
-      [--variant feature_dual|entropy_dual|triple] [--steps 5]
+      [--variant feature_dual|entropy_dual|triple|tiny] [--steps 5]
 
 Prints per-step times, then one line:
   images_per_s=... gflops_per_s=... peak_mem_mb=...
-FLOPs come from XLA's cost analysis of the compiled step (compiled a second
-time with the CPU weight gradient in one block: XLA counts a loop's body
-once, so the blocked step's own count is too low; `--no_flops` skips it);
+FLOPs come from XLA's cost analysis of the compiled step (on a CPU run,
+compiled a second time with the CPU weight gradient in one block: XLA counts
+a loop's body once, so the blocked step's own count is too low;
+`--no_flops` skips it);
 peak memory is the process's peak resident set (CPU) or the device's peak
 bytes in use. `benchmarks/stage1_vs_official.py` runs this script beside the
 official PyTorch step for a throughput ratio.
@@ -39,8 +40,9 @@ from dqvq.models import fast_conv  # pylint: disable=g-import-not-at-top,wrong-i
 from dqvq.trainers import stage1  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import stage1_profile  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# 'tiny': the :runlocal toy model, a smoke run of the same step in seconds.
 VARIANT_ARGS = {'feature_dual': '', 'entropy_dual': 'entropy',
-                'triple': 'triple'}
+                'triple': 'triple', 'tiny': 'runlocal'}
 
 
 def peak_memory_mb() -> float:
@@ -85,8 +87,14 @@ def main() -> None:
   compiled = step.lower(state, batch, lpips).compile()
   print(f'compile: {time.perf_counter() - t0:.1f} s', flush=True)
   flops = 0.0
-  if not args.no_flops:
-    # A CPU step's weight gradients loop over blocks, which XLA counts once.
+  if not args.no_flops and not cpu_kernels:
+    # No loops in an accelerator's step: XLA's count of it is whole.
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float((cost or {}).get('flops', 0.0))
+  elif not args.no_flops:
+    # A CPU step's weight gradients loop over blocks, which XLA counts once:
+    # count a second compile of the step traced in one block.
     with fast_conv.whole_image_weight_grads():
       flops = stage1_profile.flops_of(
           functools.partial(stage1.train_step, models), state, batch, lpips)

@@ -22,7 +22,6 @@ import ml_collections
 from dqvq import sampling as sampling_lib
 from dqvq import sequence
 from dqvq import sharding
-from dqvq.data import sources as data_sources
 from dqvq.models import dqvae
 from dqvq.models import transformer as transformer_lib
 from dqvq.trainers import common
@@ -305,6 +304,8 @@ def validate_config(c: ml_collections.ConfigDict,
         f'config.loss_spike_factor={spike} would stop a healthy run; use a '
         'factor well above 1 (default 10), or 0 to turn the spike check off.')
   if not (c.stage == 2 and c.tokens_dir):
+    # Imported here: TFDS is needed to check a dataset, not to build a step.
+    from dqvq.data import sources as data_sources  # pylint: disable=g-import-not-at-top
     data_sources.validate_data_config(c.data)
 
 

@@ -29,7 +29,6 @@ from dqvq import cpu_tuning
 from dqvq import losses
 from dqvq import sharding
 from dqvq import visualize
-from dqvq.data import pipeline
 from dqvq.models import discriminator as disc_lib
 from dqvq.models import dqvae
 from dqvq.models import perceptual
@@ -327,6 +326,9 @@ def summarize(sums: dict[str, Any]) -> dict[str, float]:
 def make_task(config: ml_collections.ConfigDict, workdir: str,
               mesh: jax.sharding.Mesh) -> common.Task:
   """Data, models and step functions of a stage-1 run."""
+  # The data stack (grain, TFDS) only here: the step, its benchmarks and the
+  # accelerator suite import this module without it.
+  from dqvq.data import pipeline  # pylint: disable=g-import-not-at-top
   datasets = pipeline.create_datasets(  # prepares the demo data if needed
       config.data, global_batch_size=config.batch_size, seed=config.seed,
       mesh=mesh, eval_batch_size=config.eval_batch_size)

@@ -30,7 +30,6 @@ from dqvq import sequence
 from dqvq import sharding
 from dqvq import tokenizer as tokenizer_lib
 from dqvq import visualize
-from dqvq.data import pipeline
 from dqvq.models import transformer as transformer_lib
 from dqvq.trainers import common
 
@@ -247,6 +246,7 @@ def make_task(config: ml_collections.ConfigDict, workdir: str,
         seed=config.seed, mesh=mesh, eval_batch_size=config.eval_batch_size)
     batch_keys = ('codes', 'grain_map', 'label', 'mask')
   else:
+    from dqvq.data import pipeline  # pylint: disable=g-import-not-at-top
     datasets = pipeline.create_datasets(
         config.data, global_batch_size=config.batch_size, seed=config.seed,
         mesh=mesh, eval_batch_size=config.eval_batch_size)
