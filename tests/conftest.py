@@ -6,6 +6,8 @@ conftest.py, which pytest imports first.
 
 import os
 
+from dqvq import host_allocator  # no jax: safe before XLA_FLAGS is set
+
 os.environ['XLA_FLAGS'] = (
     os.environ.get('XLA_FLAGS', '') +
     ' --xla_force_host_platform_device_count=8').strip()
@@ -14,6 +16,15 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # (SciPy's sqrtm / eigh in the FID tests ran 5-20x slower).
 os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+# Entry points called in-process (`tokenize.main(argv)`) would replace the
+# pytest worker by a restarted one with huge pages (dqvq.host_allocator),
+# which xdist sees as a crashed worker. Naming the tunable tells
+# prepare_process the process already has it; the `python -m dqvq.*`
+# processes the tests start inherit it and get huge pages from the start,
+# as a restarted entry point would.
+_tunables = host_allocator.with_huge_pages(os.environ.get('GLIBC_TUNABLES', ''))
+if _tunables:
+  os.environ['GLIBC_TUNABLES'] = _tunables
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position

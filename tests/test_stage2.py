@@ -141,10 +141,22 @@ def test_fsdp_step_equals_single_device(stage1_workdir, demo_data_dir):
                     jax.device_put(tok, rep))
   assert len(eight[0].params['content_emb']['embedding'].sharding.device_set
              ) == 8
-  for a, b in zip(jax.tree.leaves((one[0].params, one[1])),
-                  jax.tree.leaves((eight[0].params, eight[1]))):
+  # Gradients (Adam's first moment after one step is 0.1 g) and metrics
+  # agree to float32 summation order. The updated parameters are compared
+  # to within the step's size only: where a gradient is ~1e-8, Adam's
+  # m / (sqrt(v) + eps) swings between 0 and 1 on the last bits, so a
+  # parameter may move by up to one learning rate on one mesh and not the
+  # other (seen: 1 element of 4096, 1.3e-5 apart).
+  mu = lambda s: s.opt_state[0].mu  # pylint: disable=unnecessary-lambda-assignment
+  for a, b in zip(jax.tree.leaves((mu(one[0]), one[1])),
+                  jax.tree.leaves((mu(eight[0]), eight[1]))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4,
-                               atol=2e-6)
+                               atol=1e-7)
+  step_size = float(one[1]['learning_rate'])
+  for a, b in zip(jax.tree.leaves(one[0].params),
+                  jax.tree.leaves(eight[0].params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0,
+                               atol=step_size + 1e-7)
 
 
 def test_loss_ignores_pads(stage1_workdir, demo_data_dir):
