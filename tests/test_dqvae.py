@@ -129,7 +129,7 @@ def test_reconstruction_gradient_reaches_gate():
   """
   x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
   values, grads = {}, {}
-  for mode in dqvae.GATE_GRADIENTS:
+  for mode in ('scale', 'mixture'):  # 'codes': the test below
     model = dqvae.DQVAE(**dqvae.tiny_kwargs(), gate_gradient=mode)
     variables = jax.jit(model.init)(RNGS, x)
 
@@ -144,6 +144,42 @@ def test_reconstruction_gradient_reaches_gate():
   np.testing.assert_allclose(values['scale'], values['mixture'], rtol=1e-6)
   assert np.abs(grads['scale'] - grads['mixture']).max() > 1e-3 * np.abs(
       grads['scale']).max()
+
+
+def test_codes_gate_gradient_compares_each_grains_codes():
+  """gate_gradient='codes': the router's gradient from the decoder input is
+  that of sum_k gate_k * q_k, q_k being grain k's own nearest codes: each
+  region's gate is told <dL/dq, q_k> for every grain, not only the chosen."""
+  x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
+  model = dqvae.DQVAE(
+      grain_factors=(4, 2), ch=16, ch_mult=(1, 1, 2), num_res_blocks=1,
+      attn_factors=(), z_channels=16, dec_ch=16, dec_ch_mult=(1, 2),
+      dec_num_res_blocks=0, dec_attn_factors=(), codebook_size=32,
+      codebook_dim=16, norm_groups=4, gate_gradient='codes')
+  variables = jax.jit(model.init)(RNGS, x)
+  w = jax.random.normal(jax.random.key(7), (2, 8, 8, 16))
+
+  def through_model(params):
+    out, _ = model.apply({**variables, 'params': params}, x, True,
+                         method=dqvae.DQVAE.encode, rngs=RNGS,
+                         mutable=['codebook'])
+    return jnp.sum(out['quantized'] * w)
+
+  def written_out(params):
+    def mixed(m):
+      feats = m.encoder(x, True)
+      routing = m.route(x, feats, True, None)
+      coded = [m.quantize.nearest(m.quant_conv(f)) for f in feats]
+      return jnp.sum(grain_lib.mix_grains(coded, routing.gate,
+                                          m.grain_factors) * w)
+    return model.apply({**variables, 'params': params}, method=mixed,
+                       rngs=RNGS)
+
+  got = jax.jit(jax.grad(through_model))(variables['params'])['grain_router']
+  want = jax.jit(jax.grad(written_out))(variables['params'])['grain_router']
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert np.abs(np.asarray(b)).max() > 0
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize('kwargs,match', [

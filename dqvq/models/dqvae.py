@@ -31,7 +31,7 @@ from dqvq.models import router as router_lib
 Array = jax.Array
 
 
-GATE_GRADIENTS = ('scale', 'mixture')
+GATE_GRADIENTS = ('scale', 'mixture', 'codes')
 
 # DQVAE fields that are not `config.model` fields: Flax's own, and the run's
 # platform choices (set by whoever builds the model, not by a config).
@@ -84,7 +84,11 @@ class DQVAE(nn.Module):
   # but hardly a ranking (README, the study). 'mixture': the merged features
   # are the straight-through mix sum_k gate_k * features_k, whose gradient
   # on the logits is <dL/dz, features_fine - features_coarse>: which branch
-  # would lower the loss, region by region.
+  # would lower the loss, region by region. 'codes': the same comparison on
+  # what the decoder receives, each grain's *quantized* features
+  # <dL/dq, q_fine - q_coarse>: a coarse region's one code replicated over
+  # its cells against the fine codes, which is where the grains differ (the
+  # continuous features of both can be close while their codes are not).
   gate_gradient: str = 'scale'
   entropy_thresholds: str | tuple[float, ...] | None = None
   entropy_bin_range: tuple[float, float] = (-1.0, 1.0)
@@ -202,7 +206,18 @@ class DQVAE(nn.Module):
       merged = merged * scale.astype(merged.dtype)
     mask = grain_lib.code_weight_mask(routing.grain_map, self.grain_factors)
     z = self.quant_conv(merged)
+    if routing.gate_scale is not None and self.gate_gradient == 'codes':
+      # Zero in the forward pass; on the gate, the gradient of mixing every
+      # grain's own codes (taken before this step's EMA update, like the
+      # chosen ones).
+      coded = [self.quantize.nearest(self.quant_conv(f)) for f in features]
+      code_gradient = (
+          grain_lib.mix_grains(coded, routing.gate, self.grain_factors) -
+          grain_lib.mix_grains(coded, jax.lax.stop_gradient(routing.gate),
+                               self.grain_factors))
     quantized, codes, aux = self.quantize(z, mask, train)
+    if routing.gate_scale is not None and self.gate_gradient == 'codes':
+      quantized = quantized + code_gradient
     return {
         'codes': codes, 'grain_map': routing.grain_map, 'quantized': quantized,
         'gate': routing.gate, 'logits': routing.logits,

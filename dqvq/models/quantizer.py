@@ -129,6 +129,15 @@ class VectorQuantizer(nn.Module):
     """Code ids (any shape) -> vectors (..., D)."""
     return jnp.take(self.embedding.value, codes, axis=0)
 
+  def nearest(self, z: Array) -> Array:
+    """The codebook vector nearest to each latent (..., D); no update, no
+    gradient. What the decoder would get if these latents were coded."""
+    codebook = jax.lax.stop_gradient(self.embedding.value)
+    flat = jax.lax.stop_gradient(z).astype(jnp.float32).reshape(
+        -1, self.codebook_dim)
+    return jnp.take(codebook, nearest_codes(flat, codebook),
+                    axis=0).reshape(z.shape)
+
   def __call__(self, z: Array, weight_mask: Array | None = None,
                train: bool = False) -> tuple[Array, Array, dict[str, Array]]:
     """Returns (straight-through quantized z, codes (B, H, W), aux losses).
