@@ -137,7 +137,10 @@ def stage1_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.disc = ml_collections.ConfigDict(dict(ndf=64, n_layers=3))
   c.optim = ml_collections.ConfigDict(dict(
       base_learning_rate=4.5e-6, scale_lr_by_batch=True, b1=0.5, b2=0.9,
-      eps=1e-8, warmup_steps=534, min_lr_multiplier=0.0, grad_clip_norm=0.0))
+      eps=1e-8, warmup_steps=534, min_lr_multiplier=0.0, grad_clip_norm=0.0,
+      # The feature router's step size relative to the rest of the DQ-VAE
+      # (its Adam updates times this); 1 is the paper's single rate.
+      router_lr_multiplier=1.0))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
 
   _loop_config(c)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dqvq.models import entropy as entropy_lib
 from dqvq.models import grain as grain_lib
 from dqvq.models import router as router_lib
 
@@ -154,3 +155,49 @@ def test_random_router_exact_shares_and_reproducible():
   np.testing.assert_array_equal(np.asarray(out.grain_map).sum((1, 2)), [4] * 4)
   np.testing.assert_array_equal(out.grain_map, again.grain_map)
   assert not np.array_equal(out.grain_map, other.grain_map)
+
+
+def test_expected_inference_keeps_the_expected_count_where_argmax_collapses():
+  """A gate that learned only the budget's prior (the same p_fine = 0.3 in
+  every region, plus a tiny per-region ranking): argmax codes every region
+  coarse; 'expected' gives each image round(0.3 n) fine regions, its
+  top-ranked ones; with a per-image spread of p, per-image counts."""
+  factors = (16, 8)
+  feats = _features(jax.random.key(0), factors=factors)  # 2 images, 4 x 4
+  r = router_lib.FeatureRouter(factors, 'linear', inference='expected')
+  params = r.init({'params': jax.random.key(1)}, feats, train=False)
+  bias = np.log(0.3 / 0.7)
+
+  p = jax.tree.map(np.asarray, params)
+  gate = p['params']['gate_0']['linear']
+  gate['kernel'] = gate['kernel'] * 1e-4
+  gate['bias'] = np.array([0.0, bias], np.float32)
+  f = feats
+  expected = np.asarray(r.apply(p, f, train=False).grain_map)
+  argmax = np.asarray(router_lib.FeatureRouter(factors, 'linear').apply(
+      p, f, train=False).grain_map)
+  assert argmax.sum() == 0
+  np.testing.assert_array_equal(expected.sum((1, 2)), [round(0.3 * 16)] * 2)
+  # The fine regions are the gate's top-ranked ones.
+  logits = np.asarray(r.apply(p, f, train=False).logits)
+  diff = (logits[..., 1] - logits[..., 0]).reshape(2, -1)
+  for b in range(2):
+    top = np.argsort(-diff[b], kind='stable')[:5]
+    assert set(np.flatnonzero(expected[b].reshape(-1))) == set(top)
+  with pytest.raises(ValueError, match='Unknown router inference'):
+    router_lib.FeatureRouter(factors, 'linear', inference='mode').apply(
+        p, f, train=False)
+
+
+def test_assign_grains_by_counts_per_image():
+  scores = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4, 4)))
+  counts = jnp.asarray([[9, 2], [0, 0], [16, 16]])
+  grains = np.asarray(entropy_lib.assign_grains_by_counts(scores, counts))
+  for b, (ge1, ge2) in enumerate(np.asarray(counts)):
+    assert (grains[b] >= 1).sum() == ge1 and (grains[b] >= 2).sum() == ge2
+    order = np.argsort(-np.asarray(scores[b]).reshape(-1), kind='stable')
+    np.testing.assert_array_equal(
+        np.sort(grains[b].reshape(-1)[order])[::-1], grains[b].reshape(-1)[order])
+  np.testing.assert_array_equal(
+      entropy_lib.assign_grains_by_quota(scores, (0.25, 0.5, 0.25)),
+      entropy_lib.assign_grains_by_counts(scores, jnp.asarray([12, 4])))

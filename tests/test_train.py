@@ -327,3 +327,30 @@ def test_every_model_field_overridable_from_the_command_line():
   bad = _train_cli('--config.model.no_such_field=1')
   assert bad.returncode != 0
   assert 'no_such_field' in bad.stderr + bad.stdout
+
+
+def test_router_lr_multiplier_scales_only_the_feature_router(demo_data_dir):
+  """optim.router_lr_multiplier: the feature router's Adam updates times m,
+  every other update as with m = 1; models without a learned router keep
+  the plain optimizer (and so their checkpoints' tree)."""
+  c = tiny(demo_data_dir)
+  c.model.router = 'feature'
+  size = c.data.resolution
+  plain = stage1.build_models(c)
+  state = jax.jit(functools.partial(stage1.init_state, plain,
+                                    image_shape=(1, size, size, 3)))(
+                                        jax.random.key(0))
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), state.params)
+  want, _ = plain.tx.update(grads, state.opt_state, state.params)
+  c.optim.router_lr_multiplier = 10.0
+  fast = stage1.build_models(c)
+  got, _ = fast.tx.update(grads, fast.tx.init(state.params), state.params)
+  for name in state.params:
+    factor = 10.0 if name == 'grain_router' else 1.0
+    for a, b in zip(jax.tree.leaves(got[name]), jax.tree.leaves(want[name])):
+      np.testing.assert_allclose(a, factor * b, rtol=1e-6)
+  assert 'grain_router' in state.params
+  c.model.router = 'entropy'
+  entropy = stage1.build_models(c)
+  assert (jax.tree.structure(entropy.tx.init(state.params)) ==
+          jax.tree.structure(plain.tx.init(state.params)))

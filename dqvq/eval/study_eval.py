@@ -32,7 +32,11 @@ Array = jax.Array
 class Model:
   """A trained run's tokenizer with jitted encode / decode on given maps."""
 
-  def __init__(self, config: ml_collections.ConfigDict, state: Any):
+  def __init__(self, config: ml_collections.ConfigDict, state: Any,
+               router_inference: str | None = None):
+    if router_inference is not None:
+      config = config.copy_and_resolve_references()
+      config.model.router_inference = router_inference
     self.config = config
     self.vae = common.build_dqvae(config.model)
     self.variables = {'params': state.params, 'codebook': state.codebook}
@@ -178,10 +182,12 @@ def rate_distortion_plot(path: str, res: dict[str, Any]) -> None:
     xs = [r['code_length'] for r in rows]
     for key, style in (('router', 'o-'), ('random', 's--'), ('oracle', '^:')):
       ax.plot(xs, [r[key] for r in rows], style, label=f'{name}: {key}')
-  t6 = res.get('table6', [])
-  if t6:
-    ax.plot([r['code_length_mean'] for r in t6], [r['psnr'] for r in t6],
-            'D-', label='feature router, trained at each r')
+  for mode, style in (('argmax', 'D-'), ('expected', 'v-')):
+    t6 = [r for r in res.get('table6', [])
+          if r.get('inference', 'argmax') == mode]
+    if t6:
+      ax.plot([r['code_length_mean'] for r in t6], [r['psnr'] for r in t6],
+              style, label=f'feature router trained at each r ({mode})')
   for name, r in res.get('table5', {}).items():
     ax.plot([r['code_length_mean']], [r['psnr']], '*', markersize=12,
             label=name)
@@ -217,6 +223,20 @@ def run_one(config: ml_collections.ConfigDict, state: Any,
   return res
 
 
+def inference_variants(name: str, config: ml_collections.ConfigDict,
+                       state: Any, model: Model) -> dict[str, Model]:
+  """A feature-router model under each inference mode ({label: Model}), the
+  trained one's own first; other models as they are."""
+  if config.model.router != 'feature':
+    return {name: model}
+  own = config.model.router_inference
+  out = {f'{name} ({own})': model}
+  for mode in router_lib.INFERENCE_MODES:
+    if mode != own:
+      out[f'{name} ({mode})'] = Model(config, state, mode)
+  return out
+
+
 def run_study(runs: dict[str, tuple[Any, Any]], parts: Sequence[str],
               workdir: str, budgets: Sequence[float], seeds: int
               ) -> dict[str, Any]:
@@ -237,12 +257,14 @@ def run_study(runs: dict[str, tuple[Any, Any]], parts: Sequence[str],
       name = f'dual_feature_r{r:g}'
       m = models[name]
       n0 = int(np.prod(m.grid(batches[0][0])))
-      row = dict(own[name], fine_ratio_target=r,
-                 expected_length=coding.expected_code_length(
-                     (1 - r, r), m.factors, n0))
-      row['length_error'] = (row['code_length_mean'] / row['expected_length']
-                             - 1.0)
-      rows.append(row)
+      expected = coding.expected_code_length((1 - r, r), m.factors, n0)
+      for mode in router_lib.INFERENCE_MODES:
+        figures = (own[name] if mode == m.config.model.router_inference else
+                   coding_figures(Model(*runs[name], mode), batches))
+        rows.append(dict(figures, fine_ratio_target=r, inference=mode,
+                         expected_length=expected,
+                         length_error=figures['code_length_mean'] / expected
+                         - 1.0))
     res['table6'] = rows
   if 'budget' in parts:
     res['budget'] = {n: budget_figures(models[n], batches, budgets, seeds)
@@ -251,7 +273,10 @@ def run_study(runs: dict[str, tuple[Any, Any]], parts: Sequence[str],
     fixed = models['fixed_f8']
     duals = {n: models[n] for n in ('dual_feature_r0.5', 'dual_entropy')}
     res['fixed'] = {'fixed_f8': own['fixed_f8']}
-    res['figure5'] = {n: figure5(fixed, m, batches) for n, m in duals.items()}
+    res['figure5'] = {
+        label: figure5(fixed, variant, batches)
+        for n, m in duals.items()
+        for label, variant in inference_variants(n, *runs[n], m).items()}
     coding_vs_error_picture(os.path.join(workdir, 'coding_vs_error.png'),
                             fixed, duals, batches[0][0])
   rate_distortion_plot(os.path.join(workdir, 'rate_distortion.png'), res)
@@ -294,12 +319,14 @@ def markdown(res: dict[str, Any]) -> str:
                  f"{_f(100 * r['gap_closed'], '.0f')}% |")
     out.append('')
   if 'table6' in res:
-    out += ['**Table 6** (feature router trained at each r_fine)', '',
-            '| r_fine | mean length | expected | error | var | PSNR | usage |',
-            '|---|---|---|---|---|---|---|']
+    out += ['**Table 6** (feature router trained at each r_fine; inference '
+            'by argmax, the paper\'s, and by expected count)', '',
+            '| r_fine | inference | mean length | expected | error | var | '
+            'PSNR | usage |', '|---|---|---|---|---|---|---|---|']
     for r in res['table6']:
       out.append(
-          f"| {r['fine_ratio_target']:g} | {_f(r['code_length_mean'], '.1f')}"
+          f"| {r['fine_ratio_target']:g} | {r.get('inference', 'argmax')} | "
+          f"{_f(r['code_length_mean'], '.1f')}"
           f" | {_f(r['expected_length'], '.0f')} | "
           f"{_f(100 * r['length_error'], '+.1f')}% | "
           f"{_f(r['code_length_var'], '.0f')} | {_f(r['psnr'])} | "

@@ -90,6 +90,10 @@ class DQVAE(nn.Module):
   # its cells against the fine codes, which is where the grains differ (the
   # continuous features of both can be close while their codes are not).
   gate_gradient: str = 'scale'
+  # The feature router's inference decision (router.INFERENCE_MODES):
+  # 'argmax' (paper, official) or 'expected' (each image's expected count of
+  # fine regions, given to its top-ranked ones).
+  router_inference: str = 'argmax'
   entropy_thresholds: str | tuple[float, ...] | None = None
   entropy_bin_range: tuple[float, float] = (-1.0, 1.0)
   entropy_num_bins: int = 32
@@ -109,7 +113,8 @@ class DQVAE(nn.Module):
         self.norm_groups, self.cpu_kernels)
     if self.router == 'feature' and len(factors) > 1:
       self.grain_router = router_lib.FeatureRouter(
-          factors, self.gate_type, self.gumbel_tau, self.norm_groups)
+          factors, self.gate_type, self.gumbel_tau, self.norm_groups,
+          self.router_inference)
     elif self.router == 'entropy':
       self.grain_router = router_lib.EntropyRouter(
           factors, tuple(self.grain_ratios), self.entropy_thresholds,
@@ -141,6 +146,9 @@ class DQVAE(nn.Module):
     if self.gate_gradient not in GATE_GRADIENTS:
       raise ValueError(f'Unknown gate_gradient {self.gate_gradient!r}; choose '
                        f'one of {GATE_GRADIENTS}.')
+    if self.router_inference not in router_lib.INFERENCE_MODES:
+      raise ValueError(f'Unknown router_inference {self.router_inference!r}; '
+                       f'choose one of {router_lib.INFERENCE_MODES}.')
     if self.router == 'none' and len(factors) > 1:
       raise ValueError("router='none' needs a single grain (plain VQGAN); "
                        'with several grains choose feature, entropy or random.')

@@ -343,12 +343,31 @@ def assign_grains_by_quota(entropy: Array,
     (B, h, w) int32 grain map, 0 = coarsest.
   """
   ratios = _check_ratios(ratios_coarse_to_fine)
-  entropy = jnp.asarray(entropy, jnp.float32)
-  b, gh, gw = entropy.shape
-  n = gh * gw
+  n = entropy.shape[1] * entropy.shape[2]
   counts = jnp.asarray([round(n * s) for s in _fine_shares(ratios)], jnp.int32)
-  flat = entropy.reshape(b, n)
-  order = jnp.argsort(-flat, axis=-1, stable=True)  # highest entropy first
+  return assign_grains_by_counts(entropy, counts)
+
+
+def assign_grains_by_counts(scores: Array, counts: Array) -> Array:
+  """Grain map giving grain >= k to the counts[..., k-1] top-scored regions.
+
+  The ranking step of `assign_grains_by_quota`, with counts that may differ
+  per image (the feature router's expected-count inference).
+
+  Args:
+    scores: (B, h, w) region scores; ties rank by row-major index, lower first.
+    counts: (K-1,) or (B, K-1) int, non-increasing in k: the number of
+      regions at grain >= k for k = 1..K-1.
+
+  Returns:
+    (B, h, w) int32 grain map, 0 = coarsest.
+  """
+  scores = jnp.asarray(scores, jnp.float32)
+  b, gh, gw = scores.shape
+  counts = jnp.broadcast_to(jnp.asarray(counts, jnp.int32),
+                            (b, jnp.shape(counts)[-1]))
+  flat = scores.reshape(b, gh * gw)
+  order = jnp.argsort(-flat, axis=-1, stable=True)  # highest score first
   rank = jnp.argsort(order, axis=-1)  # inverse permutation
-  grains = jnp.sum(rank[..., None] < counts, axis=-1).astype(jnp.int32)
-  return grains.reshape(b, gh, gw)
+  grains = jnp.sum(rank[..., None] < counts[:, None, :], axis=-1)
+  return grains.astype(jnp.int32).reshape(b, gh, gw)

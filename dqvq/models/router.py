@@ -32,6 +32,11 @@ Array = jax.Array
 
 ROUTERS = ('feature', 'entropy', 'random', 'none')
 GATE_TYPES = ('mlp', 'linear')
+# How the feature router decides at inference. 'argmax': each region's most
+# probable grain (paper, official). 'expected': each image gets as many
+# regions at grain >= k as its gate expects, round(sum_regions P(grain >= k)),
+# given to its highest-ranked regions (`expected_grain`).
+INFERENCE_MODES = ('argmax', 'expected')
 
 
 @flax.struct.dataclass
@@ -92,11 +97,18 @@ class FeatureRouter(nn.Module):
     gate_type: 'mlp' (official: Linear, SiLU, Linear) or 'linear' (paper's
       single W_g).
     tau: Gumbel-softmax temperature (paper: 1).
+    inference: one of INFERENCE_MODES. Training draws grain k with
+      probability p_k (the Gumbel-max trick), and the budget loss holds the
+      mean of p at the target shares, which a gate can meet with the same
+      logits everywhere. The mode of p (argmax) then sends every region the
+      same way, 'expected' keeps the training draw's expected count per image
+      (its length varies with the image, and its mean meets the budget).
   """
   grain_factors: tuple[int, ...]
   gate_type: str = 'mlp'
   tau: float = 1.0
   norm_groups: int = 32
+  inference: str = 'argmax'
 
   @nn.compact
   def __call__(self, features: Sequence[Array], train: bool,
@@ -139,7 +151,18 @@ class FeatureRouter(nn.Module):
       index = entropy_lib.assign_grains_by_quota(
           scores, tuple(grain_ratios)).astype(jnp.int32)
       return Routing(index, jax.nn.one_hot(index, k), None, logits)
-    index = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if self.inference == 'expected':
+      probs = jax.nn.softmax(logits, axis=-1)
+      # P(grain >= j) summed over each image's regions, j = 1..K-1.
+      at_least = jnp.cumsum(probs[..., ::-1], axis=-1)[..., ::-1][..., 1:]
+      counts = jnp.round(at_least.sum(axis=(1, 2))).astype(jnp.int32)
+      index = entropy_lib.assign_grains_by_counts(expected_grain(logits),
+                                                  counts)
+    elif self.inference == 'argmax':
+      index = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+      raise ValueError(f'Unknown router inference {self.inference!r}; choose '
+                       f'one of {INFERENCE_MODES}.')
     return Routing(index, jax.nn.one_hot(index, k), None, logits)
 
 

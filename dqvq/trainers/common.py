@@ -99,6 +99,12 @@ def decay_mask(params: Any) -> Any:
       lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
 
 
+def subtree_mask(name: str) -> Callable[[Any], Any]:
+  """params -> True on the leaves under the top-level module `name`."""
+  return lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[0], 'key', None) == name, params)
+
+
 def adamw(config: ml_collections.ConfigDict,
           schedule: Callable[[Array], Array]) -> optax.GradientTransformation:
   """AdamW with decoupled weight decay on linear kernels, optional clip."""

@@ -80,6 +80,11 @@ def build_models(config: ml_collections.ConfigDict,
   vae = common.build_dqvae(config.model, dtype, cpu_kernels=cpu_kernels)
   schedule = common.learning_rate_schedule(config)
   tx = common.adam(config, schedule)
+  router_lr = config.optim.get('router_lr_multiplier', 1.0)
+  if router_lr != 1.0 and vae.router == 'feature' and vae.num_grains > 1:
+    # Only then: the optimizer state of other models keeps its tree.
+    tx = optax.chain(tx, optax.masked(optax.scale(router_lr),
+                                      common.subtree_mask('grain_router')))
   disc = disc_tx = lpips = None
   if uses_gan(config):
     disc = disc_lib.NLayerDiscriminator(
