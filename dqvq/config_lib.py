@@ -131,7 +131,10 @@ def stage1_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(
       perceptual_weight=1.0, lpips_dropout=0.0, codebook_weight=1.0,
       disc_weight=1.0, disc_weight_max=0.75, disc_start=0,
-      budget_kind='official', budget_weight=10.0))
+      budget_kind='official', budget_weight=10.0,
+      # Weight of the feature router's 'router_loss' (config.model.
+      # router_target='gain'); unused otherwise.
+      router_weight=1.0))
   c.lpips_weights = ''                # dir from `python -m dqvq.convert lpips`,
   #                                     or 'random' (tests only)
   c.disc = ml_collections.ConfigDict(dict(ndf=64, n_layers=3))

@@ -13,6 +13,16 @@ RNGS = {'params': jax.random.key(0), 'gumbel': jax.random.key(1),
         'restart': jax.random.key(2), 'router': jax.random.key(3)}
 
 
+def _small_dual(**kw):
+  """A dual-grain DQ-VAE small enough to compile in seconds (16 px: 4 x 4
+  regions of 4 x 4 pixels)."""
+  return dqvae.DQVAE(
+      grain_factors=(4, 2), ch=16, ch_mult=(1, 1, 2), num_res_blocks=1,
+      attn_factors=(), z_channels=16, dec_ch=16, dec_ch_mult=(1, 2),
+      dec_num_res_blocks=0, dec_attn_factors=(), codebook_size=32,
+      codebook_dim=16, norm_groups=4, **kw)
+
+
 def _param_count(kwargs, size=256):
   model = dqvae.DQVAE(**kwargs)
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
@@ -151,11 +161,7 @@ def test_codes_gate_gradient_compares_each_grains_codes():
   that of sum_k gate_k * q_k, q_k being grain k's own nearest codes: each
   region's gate is told <dL/dq, q_k> for every grain, not only the chosen."""
   x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
-  model = dqvae.DQVAE(
-      grain_factors=(4, 2), ch=16, ch_mult=(1, 1, 2), num_res_blocks=1,
-      attn_factors=(), z_channels=16, dec_ch=16, dec_ch_mult=(1, 2),
-      dec_num_res_blocks=0, dec_attn_factors=(), codebook_size=32,
-      codebook_dim=16, norm_groups=4, gate_gradient='codes')
+  model = _small_dual(gate_gradient='codes')
   variables = jax.jit(model.init)(RNGS, x)
   w = jax.random.normal(jax.random.key(7), (2, 8, 8, 16))
 
@@ -186,6 +192,8 @@ def test_codes_gate_gradient_compares_each_grains_codes():
     (dict(grain_ratios=(0.6, 0.6)), 'sum to 1'),
     (dict(router='mystery'), 'Unknown router'),
     (dict(gate_gradient='mystery'), 'Unknown gate_gradient'),
+    (dict(router_target='mystery'), 'Unknown router_target'),
+    (dict(router_inference='mystery'), 'Unknown router_inference'),
     (dict(grain_factors=(8, 16)), 'coarse to fine'),
     (dict(grain_factors=(16, 6)), 'power of two'),
     (dict(dec_ch_mult=(1, 2)), 'dec_ch_mult'),
@@ -238,3 +246,28 @@ def test_missing_entropy_thresholds_file_is_clear():
                          'entropy_thresholds': '/nonexistent/thresholds.json'})
   with pytest.raises(FileNotFoundError, match='entropy_thresholds'):
     model.init(RNGS, jnp.zeros((1, 32, 32, 3)))
+
+
+def test_gain_router_target_is_the_oracle_allocation():
+  """router_target='gain': 'router_loss' is the gate's cross-entropy towards
+  the greedy oracle's allocation of this batch (all coarse vs all fine, the
+  regions with the largest error drop fine, at the configured share)."""
+  from dqvq.eval import allocation  # pylint: disable=g-import-not-at-top
+  x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
+  model = _small_dual(router_target='gain')
+  variables = jax.jit(model.init)(RNGS, x)
+  out, _ = jax.jit(lambda v: model.apply(v, x, train=True, rngs=RNGS,
+                                         mutable=['codebook']))(variables)
+  recon = {}
+  for grain in (0, 1):
+    gmap = allocation.uniform_grain_map(2, (4, 4), grain)
+    q = model.apply(variables, x, grain_map=gmap, method=model.encode)
+    recon[grain] = model.apply(variables, q['quantized'], method=model.decode)
+  target = allocation.oracle_grain_map(
+      allocation.region_gain(x, recon[0], recon[1], 4), model.grain_ratios)
+  assert int(target.sum()) == 2 * 8  # half of each image's 16 regions fine
+  logp = jax.nn.log_softmax(out['logits'], -1)
+  want = -jnp.mean(jnp.take_along_axis(logp, target[..., None], -1))
+  np.testing.assert_allclose(out['router_loss'], want, rtol=1e-5)
+  # Only a training forward of the feature router has it.
+  assert 'router_loss' not in model.apply(variables, x)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from dqvq.models import entropy as entropy_lib
+from dqvq.models import grain as grain_lib
 
 Array = jax.Array
 
@@ -43,18 +44,9 @@ def random_grain_map(key: Array, batch: int, grid: Sequence[int],
   return entropy_lib.assign_grains_by_quota(scores, tuple(ratios))
 
 
-def region_gain(images: Array, coarse: Array, fine: Array,
-                region_size: int) -> Array:
-  """(B, h, w) per-region drop in mean squared error from coarse to fine."""
-  x = jnp.clip(jnp.asarray(images, jnp.float32), -1.0, 1.0)
-  b, h, w, c = x.shape
-  s = int(region_size)
-
-  def mse(y):
-    err = (x - jnp.clip(jnp.asarray(y, jnp.float32), -1.0, 1.0)) ** 2
-    return jnp.mean(err.reshape(b, h // s, s, w // s, s, c), axis=(2, 4, 5))
-
-  return mse(coarse) - mse(fine)
+# The per-region error drop from coarse to fine codes; it lives with the grain
+# maps because the DQ-VAE's 'gain' router target trains on it too.
+region_gain = grain_lib.region_gain
 
 
 def oracle_grain_map(gain: Array, ratios: Sequence[float]) -> Array:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from dqvq.models import decoder as decoder_lib
 from dqvq.models import encoder as encoder_lib
+from dqvq.models import entropy as entropy_lib
 from dqvq.models import grain as grain_lib
 from dqvq.models import layers
 from dqvq.models import quantizer as quantizer_lib
@@ -32,6 +33,7 @@ Array = jax.Array
 
 
 GATE_GRADIENTS = ('scale', 'mixture', 'codes')
+ROUTER_TARGETS = ('none', 'gain')
 
 # DQVAE fields that are not `config.model` fields: Flax's own, and the run's
 # platform choices (set by whoever builds the model, not by a config).
@@ -94,6 +96,13 @@ class DQVAE(nn.Module):
   # 'argmax' (paper, official) or 'expected' (each image's expected count of
   # fine regions, given to its top-ranked ones).
   router_inference: str = 'argmax'
+  # What else trains the feature router (ROUTER_TARGETS). 'none': only the
+  # reconstruction gradient (`gate_gradient`) and the budget loss, as in the
+  # paper. 'gain': also a cross-entropy towards the allocation a greedy
+  # oracle would make of this batch at the target shares: every region coded
+  # coarse and fine (two extra decoder passes, no gradient), the regions whose
+  # error drops most go fine (`grain.region_gain`). Outputs 'router_loss'.
+  router_target: str = 'none'
   entropy_thresholds: str | tuple[float, ...] | None = None
   entropy_bin_range: tuple[float, float] = (-1.0, 1.0)
   entropy_num_bins: int = 32
@@ -146,6 +155,9 @@ class DQVAE(nn.Module):
     if self.gate_gradient not in GATE_GRADIENTS:
       raise ValueError(f'Unknown gate_gradient {self.gate_gradient!r}; choose '
                        f'one of {GATE_GRADIENTS}.')
+    if self.router_target not in ROUTER_TARGETS:
+      raise ValueError(f'Unknown router_target {self.router_target!r}; choose '
+                       f'one of {ROUTER_TARGETS}.')
     if self.router_inference not in router_lib.INFERENCE_MODES:
       raise ValueError(f'Unknown router_inference {self.router_inference!r}; '
                        f'choose one of {router_lib.INFERENCE_MODES}.')
@@ -214,18 +226,23 @@ class DQVAE(nn.Module):
       merged = merged * scale.astype(merged.dtype)
     mask = grain_lib.code_weight_mask(routing.grain_map, self.grain_factors)
     z = self.quant_conv(merged)
-    if routing.gate_scale is not None and self.gate_gradient == 'codes':
-      # Zero in the forward pass; on the gate, the gradient of mixing every
-      # grain's own codes (taken before this step's EMA update, like the
-      # chosen ones).
+    learned = routing.gate_scale is not None  # feature router, training
+    if learned and (self.gate_gradient == 'codes' or
+                    self.router_target == 'gain'):
+      # Every grain's own codes, taken before this step's EMA update like the
+      # chosen ones; no gradient.
       coded = [self.quantize.nearest(self.quant_conv(f)) for f in features]
+    if learned and self.gate_gradient == 'codes':
+      # Zero in the forward pass; on the gate, the gradient of mixing them.
       code_gradient = (
           grain_lib.mix_grains(coded, routing.gate, self.grain_factors) -
           grain_lib.mix_grains(coded, jax.lax.stop_gradient(routing.gate),
                                self.grain_factors))
     quantized, codes, aux = self.quantize(z, mask, train)
-    if routing.gate_scale is not None and self.gate_gradient == 'codes':
+    if learned and self.gate_gradient == 'codes':
       quantized = quantized + code_gradient
+    if learned and self.router_target == 'gain':
+      aux['grain_quantized'] = coded
     return {
         'codes': codes, 'grain_map': routing.grain_map, 'quantized': quantized,
         'gate': routing.gate, 'logits': routing.logits,
@@ -257,7 +274,31 @@ class DQVAE(nn.Module):
     'decoder_features' (conv_out's input)."""
     out = self.encode(x, train, grain_ratios)
     recon, last = self.decode(out['quantized'], train, return_features=True)
-    return {**out, 'reconstruction': recon, 'decoder_features': last}
+    out = {**out, 'reconstruction': recon, 'decoder_features': last}
+    if 'grain_quantized' in out:
+      out['router_loss'] = self.gain_router_loss(
+          x, out.pop('grain_quantized'), out['logits'])
+    return out
+
+  def gain_router_loss(self, x: Array, coded: Sequence[Array],
+                       logits: Array) -> Array:
+    """Cross-entropy of the gate towards the greedy oracle's allocation.
+
+    The batch is decoded with every region coarse and with every region at
+    the finest grain (no gradient); in each image the regions whose squared
+    error drops most get the finer grains, in the configured shares
+    (`entropy.assign_grains_by_quota`). That is the allocation the study's
+    oracle makes, which the paper's router is meant to approach.
+    """
+    fine = self.grain_factors[-1]
+    ends = []
+    for k in (0, self.num_grains - 1):
+      q = layers.nearest_upsample(coded[k], self.grain_factors[k] // fine)
+      ends.append(jax.lax.stop_gradient(self.decode(q)))
+    gain = grain_lib.region_gain(x, ends[0], ends[1], self.grain_factors[0])
+    target = entropy_lib.assign_grains_by_quota(gain, tuple(self.grain_ratios))
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, target[..., None], -1))
 
 
 def paper_kwargs(variant: str = 'feature_dual') -> dict[str, Any]:

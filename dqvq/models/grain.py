@@ -87,6 +87,24 @@ def mix_grains(features: Sequence[Array], gate: Array,
   return merged
 
 
+def region_gain(images: Array, coarse: Array, fine: Array,
+                region_size: int) -> Array:
+  """(B, h, w) per-region drop in mean squared error from coarse to fine.
+
+  `coarse` and `fine` are reconstructions of `images` with every region at a
+  coarser and a finer grain; all three are clipped to [-1, 1] first.
+  """
+  x = jnp.clip(jnp.asarray(images, jnp.float32), -1.0, 1.0)
+  b, h, w, c = x.shape
+  s = int(region_size)
+
+  def mse(y):
+    err = (x - jnp.clip(jnp.asarray(y, jnp.float32), -1.0, 1.0)) ** 2
+    return jnp.mean(err.reshape(b, h // s, s, w // s, s, c), axis=(2, 4, 5))
+
+  return mse(coarse) - mse(fine)
+
+
 def code_weight_mask(grain_map: Array, grain_factors: Sequence[int]) -> Array:
   """Per finest-grid cell, 1 / (number of cells sharing its code).
 

@@ -164,6 +164,8 @@ def generator_gradients(models: Stage1Models, state: Stage1State,
         cfg.loss.budget_kind if models.vae.router == 'feature' else 'none',
         cfg.loss.budget_weight)
     own = cfg.loss.codebook_weight * out['q_loss'] + budget
+    if 'router_loss' in out:  # config.model.router_target='gain'
+      own = own + cfg.loss.get('router_weight', 1.0) * out['router_loss']
     return (out['reconstruction'], own), (out, budget, new_vars['codebook'])
 
   # The generator loss is nll(x_hat) + lambda_adv * g(x_hat) + own, lambda_adv
@@ -181,6 +183,8 @@ def generator_gradients(models: Stage1Models, state: Stage1State,
              'codebook_usage': out['codebook_usage'],
              'perplexity': out['perplexity'],
              'code_length': jnp.mean(out['code_length'].astype(jnp.float32))}
+  if 'router_loss' in out:
+    metrics['router_loss'] = out['router_loss']
   for k in range(1, models.vae.num_grains):
     metrics[f'ratio_grain{k}'] = jnp.mean(out['gate'][..., k])
   if gan:
