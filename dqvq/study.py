@@ -1,7 +1,8 @@
 r"""The paper's DQ-VAE claims, reproduced in miniature on held-out photographs.
 
   python -m dqvq.study --workdir /tmp/dqvq_study [--steps 240] \
-      [--config configs/demo.py] [--only table5,table6,budget,figure5]
+      [--config configs/demo.py] [--only table5,table6,budget,figure5] \
+      [--set model.router_target=gain ...]
   python -m dqvq.study --run /tmp/dqvq_demo/stage1 --workdir OUT  # one model
 
 Trains, with the demo tokenizer's config (its model, data, schedule; `--steps`
@@ -33,6 +34,7 @@ regions coarse, all fine, and router / random / oracle at each budget.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 from typing import Any, Sequence
@@ -54,6 +56,10 @@ _ONLY = flags.DEFINE_list('only', ['table5', 'budget', 'table6', 'figure5'],
 _SEEDS = flags.DEFINE_integer('random_seeds', 5, 'Random allocations.')
 _RUN = flags.DEFINE_string('run', None, 'Measure this trained stage-1 run '
                            'instead of training the study\'s models.')
+_SET = flags.DEFINE_multi_string(
+    'set', [], 'FIELD=VALUE on the base config before the study\'s own '
+    'changes, e.g. --set model.router_target=gain --set optim.'
+    'router_lr_multiplier=10 (VALUE is a Python literal, else a string).')
 
 TRIPLE = dict(grain_factors=(8, 4, 2), grain_ratios=(0.3, 0.625, 0.075),
               dec_ch_mult=(1, 2))
@@ -93,6 +99,26 @@ def base_config(spec_arg: str):
     raise ValueError(f'{path} is a stage-{c.stage} config without '
                      'stage1_config(); give a tokenizer config.')
   return c
+
+
+def apply_settings(config, settings: Sequence[str]) -> None:
+  """`--set FIELD=VALUE` on `config`, refusing fields it does not have."""
+  for item in settings:
+    field, sep, text = item.partition('=')
+    if not sep:
+      raise app.UsageError(f'--set {item!r}: write FIELD=VALUE.')
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    *parents, leaf = field.split('.')
+    node = config
+    for name in parents:
+      node = node.get(name) if hasattr(node, 'get') else None
+    if node is None or leaf not in node:
+      raise app.UsageError(f'--set {item!r}: the config has no field '
+                           f'{field!r}.')
+    node[leaf] = value
 
 
 def model_config(base, name: str, steps: int):
@@ -139,12 +165,14 @@ def main(argv: Sequence[str]) -> None:
     results.update(run=os.path.abspath(_RUN.value), steps=tok.step)
   else:
     base = base_config(_CONFIG.value)
+    apply_settings(base, _SET.value)
     names = [n for n in MODELS if any(n in PARTS[p] for p in _ONLY.value)]
     runs = {n: train(base, n, workdir, _STEPS.value) for n in names}
     results = study_eval.run_study(runs, _ONLY.value, workdir,
                                    budgets=BUDGETS, seeds=_SEEDS.value)
     results['steps'] = _STEPS.value
   results['config'] = _CONFIG.value
+  results['set'] = list(_SET.value)
   with open(os.path.join(workdir, 'study.json'), 'w') as f:
     json.dump(results, f, indent=1)
   md = study_eval.markdown(results)

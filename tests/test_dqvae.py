@@ -271,3 +271,11 @@ def test_gain_router_target_is_the_oracle_allocation():
   np.testing.assert_allclose(out['router_loss'], want, rtol=1e-5)
   # Only a training forward of the feature router has it.
   assert 'router_loss' not in model.apply(variables, x)
+  # It trains the gate and nothing else: the router reads the encoder's
+  # features without back-propagating into them.
+  grads = jax.jit(jax.grad(lambda p: model.apply(
+      {**variables, 'params': p}, x, train=True, rngs=RNGS,
+      mutable=['codebook'])[0]['router_loss']))(variables['params'])
+  for name, tree in grads.items():
+    biggest = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(tree))
+    assert (biggest > 0) == (name == 'grain_router'), name

@@ -135,10 +135,12 @@ def test_jit_chunking_and_no_gradient():
   x = jnp.asarray(rng.uniform(-1, 1, (2, 8, 8, 3)), jnp.bfloat16)
   f = jax.jit(lambda im: E.region_entropy(im, 4, num_bins=7))
   h = f(x)
+  # Jitted (fused) and eager float32 log/exp agree to a few ulps (1e-5
+  # relative seen with the suite's XLA flags), not bit for bit.
   np.testing.assert_allclose(
-      h, E.region_entropy(x, 4, num_bins=7, bins_per_step=None), rtol=1e-6)
+      h, E.region_entropy(x, 4, num_bins=7, bins_per_step=None), rtol=3e-5)
   np.testing.assert_allclose(
-      h, E.region_entropy(x, 4, num_bins=7, bins_per_step=3), rtol=1e-6)
+      h, E.region_entropy(x, 4, num_bins=7, bins_per_step=3), rtol=3e-5)
   grad = jax.grad(lambda im: E.region_entropy(im, 4).sum())(
       x.astype(jnp.float32))
   assert np.all(np.asarray(grad) == 0)

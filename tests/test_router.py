@@ -7,6 +7,7 @@ import pytest
 
 from dqvq.models import entropy as entropy_lib
 from dqvq.models import grain as grain_lib
+from dqvq.models import layers
 from dqvq.models import router as router_lib
 
 
@@ -201,3 +202,29 @@ def test_assign_grains_by_counts_per_image():
   np.testing.assert_array_equal(
       entropy_lib.assign_grains_by_quota(scores, (0.25, 0.5, 0.25)),
       entropy_lib.assign_grains_by_counts(scores, jnp.asarray([12, 4])))
+
+
+def test_mean_std_inputs_see_the_spread_within_a_region():
+  """inputs='mean_std': the gate reads the paper's pooled means and, per fine
+  channel, the spread of the normalised fine features within each region:
+  ~0 where a region is flat, > 0 where it varies."""
+  factors = (16, 8)
+  coarse, fine = _features(jax.random.key(0), factors=factors)
+  flat = layers.nearest_upsample(layers.avg_pool(fine, 2), 2)
+  # Half the regions (the left half) vary around their own mean.
+  sign = jnp.tile(jnp.array([[1.0, -1.0], [-1.0, 1.0]]), (4, 4))[None, ..., None]
+  varied = flat + 3.0 * sign * (jnp.arange(8) < 4)[None, None, :, None]
+  inputs = {}
+  for mode in router_lib.ROUTER_INPUTS:
+    r = router_lib.FeatureRouter(factors, 'linear', inputs=mode)
+    params = r.init({'params': jax.random.key(1)}, [coarse, varied],
+                    train=False)
+    _, state = r.apply(params, [coarse, varied], train=False,
+                       mutable=['intermediates'])
+    inputs[mode] = np.asarray(state['intermediates']['gate_inputs'][0])
+  assert inputs['mean'].shape[-1] == 64 and inputs['mean_std'].shape[-1] == 96
+  np.testing.assert_allclose(inputs['mean_std'][..., :64], inputs['mean'],
+                             rtol=1e-6)
+  spread = inputs['mean_std'][..., 64:]  # (B, 4, 4, 32)
+  assert spread[:, :, 2:].max() < 1e-2  # flat regions
+  assert spread[:, :, :2].min() > 0.1  # varied regions

@@ -295,7 +295,9 @@ def cli_env() -> dict[str, str]:
   restart (a hugetlb tunable of the user's own wins, dqvq.cpu_tuning), and
   this suite's persistent compilation cache, every program in
   it, so that warm runs skip compiling."""
-  return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='',
+  from conftest import FAST_COMPILE_XLA_FLAGS  # pylint: disable=g-import-not-at-top
+  return dict(os.environ, JAX_PLATFORMS='cpu',
+              XLA_FLAGS=FAST_COMPILE_XLA_FLAGS,
               GLIBC_TUNABLES='glibc.malloc.hugetlb=0',
               JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')

@@ -102,7 +102,12 @@ class DQVAE(nn.Module):
   # oracle would make of this batch at the target shares: every region coded
   # coarse and fine (two extra decoder passes, no gradient), the regions whose
   # error drops most go fine (`grain.region_gain`). Outputs 'router_loss'.
+  # The router then reads the encoder's features without back-propagating
+  # into them.
   router_target: str = 'none'
+  # What the feature router reads (router.ROUTER_INPUTS): 'mean' (paper,
+  # official) or 'mean_std' (also each finer grain's spread in the region).
+  router_inputs: str = 'mean'
   entropy_thresholds: str | tuple[float, ...] | None = None
   entropy_bin_range: tuple[float, float] = (-1.0, 1.0)
   entropy_num_bins: int = 32
@@ -123,7 +128,7 @@ class DQVAE(nn.Module):
     if self.router == 'feature' and len(factors) > 1:
       self.grain_router = router_lib.FeatureRouter(
           factors, self.gate_type, self.gumbel_tau, self.norm_groups,
-          self.router_inference)
+          self.router_inference, self.router_inputs)
     elif self.router == 'entropy':
       self.grain_router = router_lib.EntropyRouter(
           factors, tuple(self.grain_ratios), self.entropy_thresholds,
@@ -158,6 +163,9 @@ class DQVAE(nn.Module):
     if self.router_target not in ROUTER_TARGETS:
       raise ValueError(f'Unknown router_target {self.router_target!r}; choose '
                        f'one of {ROUTER_TARGETS}.')
+    if self.router_inputs not in router_lib.ROUTER_INPUTS:
+      raise ValueError(f'Unknown router_inputs {self.router_inputs!r}; '
+                       f'choose one of {router_lib.ROUTER_INPUTS}.')
     if self.router_inference not in router_lib.INFERENCE_MODES:
       raise ValueError(f'Unknown router_inference {self.router_inference!r}; '
                        f'choose one of {router_lib.INFERENCE_MODES}.')
@@ -184,6 +192,11 @@ class DQVAE(nn.Module):
     if self.num_grains == 1 or self.router == 'none':
       return router_lib.fixed_routing(x.shape[0], grid, self.num_grains)
     if self.router == 'feature':
+      if self.router_target == 'gain':
+        # The gate is a predictor trained by its own losses; its
+        # cross-entropy must not reshape the encoder's features (it cost the
+        # reconstruction 0.5 dB on the demo).
+        features = [jax.lax.stop_gradient(f) for f in features]
       return self.grain_router(features, train, grain_ratios)
     if self.router == 'entropy':
       return self.grain_router(x, grain_ratios)

@@ -37,6 +37,12 @@ GATE_TYPES = ('mlp', 'linear')
 # regions at grain >= k as its gate expects, round(sum_regions P(grain >= k)),
 # given to its highest-ranked regions (`expected_grain`).
 INFERENCE_MODES = ('argmax', 'expected')
+# What the feature router reads of each finer grain within a region: 'mean'
+# (paper, official: its average-pooled features) or 'mean_std' (also their
+# per-channel standard deviation within the region: how much the region
+# varies, which a mean cannot show; more gate inputs, so not the official
+# parameter shapes).
+ROUTER_INPUTS = ('mean', 'mean_std')
 
 
 @flax.struct.dataclass
@@ -109,6 +115,7 @@ class FeatureRouter(nn.Module):
   tau: float = 1.0
   norm_groups: int = 32
   inference: str = 'argmax'
+  inputs: str = 'mean'
 
   @nn.compact
   def __call__(self, features: Sequence[Array], train: bool,
@@ -125,12 +132,20 @@ class FeatureRouter(nn.Module):
                        'sets the shares through the budget loss.')
     roles = grain_lib.grain_role_names(len(features))
     coarse = self.grain_factors[0]
+    if self.inputs not in ROUTER_INPUTS:
+      raise ValueError(f'Unknown router inputs {self.inputs!r}; choose one of '
+                       f'{ROUTER_INPUTS}.')
     pooled = []
     for role, f, feat in zip(roles, self.grain_factors, features):
       normed = layers.GroupNorm(self.norm_groups,
                                 name=f'feature_norm_{role}')(feat)
-      pooled.append(layers.avg_pool(normed, coarse // f))
+      mean = layers.avg_pool(normed, coarse // f)
+      pooled.append(mean)
+      if self.inputs == 'mean_std' and f < coarse:
+        var = layers.avg_pool(normed * normed, coarse // f) - mean * mean
+        pooled.append(jnp.sqrt(jnp.maximum(var, 0.0) + 1e-6))
     h = jnp.concatenate(pooled, axis=-1)  # [coarse, ..., fine], as official.
+    self.sow('intermediates', 'gate_inputs', h)
     k = len(features)
     if self.gate_type == 'mlp':
       h = nn.silu(layers.Dense(h.shape[-1], name='gate_0')(h))
