@@ -18,8 +18,11 @@ target of 0.5, and all-fine only 0.5 dB above all-coarse where the
 entropy-routed model gains 2.1-2.8 dB; README "The demo"). Its only training
 signal, paper Eq. 6, is the gradient of the chosen grain's soft probability
 through a scale on the chosen features, which says whether to amplify them
-and never what the other grain would have given. Train it
-with `--config.model.router=feature` (budget loss on) and longer schedules.
+and never what the other grain would have given. With dqvq's
+`model.router_target='gain'` and `model.router_inputs='mean_std'` it ranks
+regions as well as the entropy router in this budget (README, "Training the
+learned router"). Train it with `--config.model.router=feature` (budget loss
+on).
 
 The loss is L1 + commitment; the GAN and LPIPS are off because minutes of CPU
 training cannot use them well and LPIPS's VGG16 weights cannot be downloaded

@@ -12,9 +12,10 @@ Config arguments (`--config configs/x.py:ARG`) are comma-separated options:
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -254,6 +255,31 @@ def runlocal(c: ml_collections.ConfigDict) -> None:
   c.image_every = 2
   c.checkpoint_every = 1
   c.num_images = 2
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    items: Sequence[str]) -> None:
+  """FIELD=VALUE strings on `config` (VALUE a Python literal, else a string).
+
+  Refuses, naming the item, a field the config does not have: a typo must
+  not start a run of the wrong model.
+  """
+  for item in items:
+    field, sep, text = item.partition('=')
+    if not sep:
+      raise ValueError(f'{item!r}: write FIELD=VALUE.')
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    *parents, leaf = field.split('.')
+    node = config
+    for name in parents:
+      node = (node.get(name) if isinstance(node, ml_collections.ConfigDict)
+              else None)
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      raise ValueError(f'{item!r}: the config has no field {field!r}.')
+    node[leaf] = value
 
 
 def validate_config(c: ml_collections.ConfigDict,

@@ -34,7 +34,6 @@ regions coarse, all fine, and router / random / oracle at each budget.
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 from typing import Any, Sequence
@@ -43,6 +42,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from dqvq import config_lib
 from dqvq import cpu_tuning  # defines --cpu_tuning
 
 
@@ -101,26 +101,6 @@ def base_config(spec_arg: str):
   return c
 
 
-def apply_settings(config, settings: Sequence[str]) -> None:
-  """`--set FIELD=VALUE` on `config`, refusing fields it does not have."""
-  for item in settings:
-    field, sep, text = item.partition('=')
-    if not sep:
-      raise app.UsageError(f'--set {item!r}: write FIELD=VALUE.')
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    *parents, leaf = field.split('.')
-    node = config
-    for name in parents:
-      node = node.get(name) if hasattr(node, 'get') else None
-    if node is None or leaf not in node:
-      raise app.UsageError(f'--set {item!r}: the config has no field '
-                           f'{field!r}.')
-    node[leaf] = value
-
-
 def model_config(base, name: str, steps: int):
   c = base.copy_and_resolve_references()
   c.model.update(MODELS[name])
@@ -165,7 +145,10 @@ def main(argv: Sequence[str]) -> None:
     results.update(run=os.path.abspath(_RUN.value), steps=tok.step)
   else:
     base = base_config(_CONFIG.value)
-    apply_settings(base, _SET.value)
+    try:
+      config_lib.apply_overrides(base, _SET.value)
+    except ValueError as e:
+      raise app.UsageError(f'--set: {e}') from e
     names = [n for n in MODELS if any(n in PARTS[p] for p in _ONLY.value)]
     runs = {n: train(base, n, workdir, _STEPS.value) for n in names}
     results = study_eval.run_study(runs, _ONLY.value, workdir,

@@ -69,19 +69,19 @@ def test_study_figures_on_a_tiny_model(demo_data_dir):
   assert '| 0.5 |' in text and '| all fine |' in text
 
 
-def test_study_set_flag_overrides_known_fields_only():
+def test_study_set_overrides_known_fields_only():
+  """`python -m dqvq.study --set FIELD=VALUE` (config_lib.apply_overrides)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from dqvq import study  # pylint: disable=g-import-not-at-top
+  from dqvq import config_lib  # pylint: disable=g-import-not-at-top
   c = ml_collections.ConfigDict(dict(
       model=dict(router_target='none', grain_ratios=(0.5, 0.5)),
       optim=dict(router_lr_multiplier=1.0)))
-  study.apply_settings(c, ['model.router_target=gain',
-                           'optim.router_lr_multiplier=10',
-                           'model.grain_ratios=(0.7, 0.3)'])
+  config_lib.apply_overrides(c, ['model.router_target=gain',
+                                 'optim.router_lr_multiplier=10',
+                                 'model.grain_ratios=(0.7, 0.3)'])
   assert c.model.router_target == 'gain'
   assert c.optim.router_lr_multiplier == 10
   assert tuple(c.model.grain_ratios) == (0.7, 0.3)
   for bad in ('model.mystery=1', 'nothing.here=1', 'model.router_target'):
-    with pytest.raises(app.UsageError, match='--set'):
-      study.apply_settings(c, [bad])
+    with pytest.raises(ValueError, match='FIELD=VALUE|no field'):
+      config_lib.apply_overrides(c, [bad])
