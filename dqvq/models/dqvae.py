@@ -195,7 +195,7 @@ class DQVAE(nn.Module):
       if self.router_target == 'gain':
         # The gate is a predictor trained by its own losses; its
         # cross-entropy must not reshape the encoder's features (it cost the
-        # reconstruction 0.5 dB on the demo).
+        # reconstruction 0.8 dB on the demo: 19.44 against 20.22 dB).
         features = [jax.lax.stop_gradient(f) for f in features]
       return self.grain_router(features, train, grain_ratios)
     if self.router == 'entropy':
