@@ -212,7 +212,8 @@ def test_mean_std_inputs_see_the_spread_within_a_region():
   coarse, fine = _features(jax.random.key(0), factors=factors)
   flat = layers.nearest_upsample(layers.avg_pool(fine, 2), 2)
   # Half the regions (the left half) vary around their own mean.
-  sign = jnp.tile(jnp.array([[1.0, -1.0], [-1.0, 1.0]]), (4, 4))[None, ..., None]
+  sign = jnp.tile(jnp.array([[1.0, -1.0], [-1.0, 1.0]]),
+                  (4, 4))[None, ..., None]
   varied = flat + 3.0 * sign * (jnp.arange(8) < 4)[None, None, :, None]
   inputs = {}
   for mode in router_lib.ROUTER_INPUTS:

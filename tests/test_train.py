@@ -295,7 +295,8 @@ def cli_env() -> dict[str, str]:
   restart (a hugetlb tunable of the user's own wins, dqvq.cpu_tuning), and
   this suite's persistent compilation cache, every program in
   it, so that warm runs skip compiling."""
-  from conftest import FAST_COMPILE_XLA_FLAGS  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from conftest import FAST_COMPILE_XLA_FLAGS
   return dict(os.environ, JAX_PLATFORMS='cpu',
               XLA_FLAGS=FAST_COMPILE_XLA_FLAGS,
               GLIBC_TUNABLES='glibc.malloc.hugetlb=0',
