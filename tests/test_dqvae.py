@@ -194,6 +194,7 @@ def test_codes_gate_gradient_compares_each_grains_codes():
     (dict(gate_gradient='mystery'), 'Unknown gate_gradient'),
     (dict(router_target='mystery'), 'Unknown router_target'),
     (dict(router_inference='mystery'), 'Unknown router_inference'),
+    (dict(router_train_routing='mystery'), 'Unknown router_train_routing'),
     (dict(grain_factors=(8, 16)), 'coarse to fine'),
     (dict(grain_factors=(16, 6)), 'power of two'),
     (dict(dec_ch_mult=(1, 2)), 'dec_ch_mult'),

@@ -190,6 +190,42 @@ def test_expected_inference_keeps_the_expected_count_where_argmax_collapses():
         p, f, train=False)
 
 
+def test_inference_train_routing_routes_as_inference_with_softmax_gradient():
+  """train_routing='inference': training takes the inference decision (no
+  Gumbel draw: the same map for any key) and its gate carries the softmax's
+  gradient, so the budget loss still trains the logits."""
+  factors = (16, 8)
+  feats = _features(jax.random.key(0), factors=factors)
+  r = router_lib.FeatureRouter(factors, 'linear', inference='expected',
+                               train_routing='inference')
+  params = r.init({'params': jax.random.key(1)}, feats, train=False)
+  at_eval = r.apply(params, feats, train=False)
+  for seed in (0, 1):
+    routed = r.apply(params, feats, train=True,
+                     rngs={'gumbel': jax.random.key(seed)})
+    np.testing.assert_array_equal(routed.grain_map, at_eval.grain_map)
+    np.testing.assert_array_equal(
+        routed.gate, jax.nn.one_hot(at_eval.grain_map, 2))
+  gumbel = router_lib.FeatureRouter(factors, 'linear', inference='expected')
+  draws = [np.asarray(gumbel.apply(params, feats, train=True, rngs={
+      'gumbel': jax.random.key(s)}).grain_map) for s in (0, 1)]
+  assert (draws[0] != draws[1]).any()
+
+  def fine_share(p):
+    gate = r.apply(p, feats, train=True,
+                   rngs={'gumbel': jax.random.key(0)}).gate
+    return jnp.mean(gate[..., 1])
+
+  grad = jax.grad(fine_share)(params)['params']['gate_0']['linear']['bias']
+  logits = at_eval.logits
+  soft = jax.nn.softmax(logits, axis=-1)
+  want = jnp.mean(soft[..., 1] * soft[..., 0])  # d mean p1 / d bias_1
+  np.testing.assert_allclose(grad[1], want, rtol=1e-5)
+  with pytest.raises(ValueError, match='train_routing'):
+    router_lib.FeatureRouter(factors, 'linear', train_routing='x').apply(
+        params, feats, train=True, rngs={'gumbel': jax.random.key(0)})
+
+
 def test_assign_grains_by_counts_per_image():
   scores = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4, 4)))
   counts = jnp.asarray([[9, 2], [0, 0], [16, 16]])

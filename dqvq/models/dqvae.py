@@ -108,6 +108,10 @@ class DQVAE(nn.Module):
   # What the feature router reads (router.ROUTER_INPUTS): 'mean' (paper,
   # official) or 'mean_std' (also each finer grain's spread in the region).
   router_inputs: str = 'mean'
+  # How the feature router routes in training (router.TRAIN_ROUTINGS):
+  # 'gumbel' (paper, official) or 'inference' (its own inference decision,
+  # for router_target='gain').
+  router_train_routing: str = 'gumbel'
   entropy_thresholds: str | tuple[float, ...] | None = None
   entropy_bin_range: tuple[float, float] = (-1.0, 1.0)
   entropy_num_bins: int = 32
@@ -128,7 +132,8 @@ class DQVAE(nn.Module):
     if self.router == 'feature' and len(factors) > 1:
       self.grain_router = router_lib.FeatureRouter(
           factors, self.gate_type, self.gumbel_tau, self.norm_groups,
-          self.router_inference, self.router_inputs)
+          self.router_inference, self.router_inputs,
+          self.router_train_routing)
     elif self.router == 'entropy':
       self.grain_router = router_lib.EntropyRouter(
           factors, tuple(self.grain_ratios), self.entropy_thresholds,
@@ -166,6 +171,10 @@ class DQVAE(nn.Module):
     if self.router_inputs not in router_lib.ROUTER_INPUTS:
       raise ValueError(f'Unknown router_inputs {self.router_inputs!r}; '
                        f'choose one of {router_lib.ROUTER_INPUTS}.')
+    if self.router_train_routing not in router_lib.TRAIN_ROUTINGS:
+      raise ValueError('Unknown router_train_routing '
+                       f'{self.router_train_routing!r}; choose one of '
+                       f'{router_lib.TRAIN_ROUTINGS}.')
     if self.router_inference not in router_lib.INFERENCE_MODES:
       raise ValueError(f'Unknown router_inference {self.router_inference!r}; '
                        f'choose one of {router_lib.INFERENCE_MODES}.')

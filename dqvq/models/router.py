@@ -43,6 +43,15 @@ INFERENCE_MODES = ('argmax', 'expected')
 # varies, which a mean cannot show; more gate inputs, so not the official
 # parameter shapes).
 ROUTER_INPUTS = ('mean', 'mean_std')
+# How the feature router routes in training. 'gumbel' (paper, official): a
+# Gumbel-softmax draw, grain k with probability p_k. A gate that is unsure
+# (p near the budget everywhere, as it is for most of a short run) then
+# routes regions nearly at random, so neither branch of the encoder is
+# trained on the regions it will code at inference. 'inference': the rule
+# `inference` names, the same decision the trained model makes, with the
+# softmax's straight-through gradient for the budget loss; meant for
+# router_target='gain', which trains the gate without exploration.
+TRAIN_ROUTINGS = ('gumbel', 'inference')
 
 
 @flax.struct.dataclass
@@ -109,6 +118,8 @@ class FeatureRouter(nn.Module):
       logits everywhere. The mode of p (argmax) then sends every region the
       same way, 'expected' keeps the training draw's expected count per image
       (its length varies with the image, and its mean meets the budget).
+    inputs: one of ROUTER_INPUTS.
+    train_routing: one of TRAIN_ROUTINGS.
   """
   grain_factors: tuple[int, ...]
   gate_type: str = 'mlp'
@@ -116,6 +127,7 @@ class FeatureRouter(nn.Module):
   norm_groups: int = 32
   inference: str = 'argmax'
   inputs: str = 'mean'
+  train_routing: str = 'gumbel'
 
   @nn.compact
   def __call__(self, features: Sequence[Array], train: bool,
@@ -156,29 +168,41 @@ class FeatureRouter(nn.Module):
       raise ValueError(f'Unknown gate_type {self.gate_type!r}; choose one of '
                        f'{GATE_TYPES}.')
     logits = logits.astype(jnp.float32)
-    if train:
+    if train and self.train_routing == 'gumbel':
       index, gate, scale = gumbel_straight_through(
           logits, self.make_rng('gumbel'), self.tau)
       return Routing(index, gate, scale, logits)
+    if train and self.train_routing == 'inference':
+      index = self.decide(logits)
+      hard = jax.nn.one_hot(index, k, dtype=jnp.float32)
+      soft = jax.nn.softmax(logits / self.tau, axis=-1)
+      gate = hard - jax.lax.stop_gradient(soft) + soft
+      return Routing(index, gate, jnp.sum(gate * hard, axis=-1), logits)
+    if train:
+      raise ValueError(f'Unknown router train_routing {self.train_routing!r}; '
+                       f'choose one of {TRAIN_ROUTINGS}.')
     if grain_ratios is not None:
       grain_lib.validate_grain_ratios(tuple(grain_ratios), k)
       scores = expected_grain(logits)
       index = entropy_lib.assign_grains_by_quota(
           scores, tuple(grain_ratios)).astype(jnp.int32)
       return Routing(index, jax.nn.one_hot(index, k), None, logits)
+    index = self.decide(logits)
+    return Routing(index, jax.nn.one_hot(index, k), None, logits)
+
+  def decide(self, logits: Array) -> Array:
+    """(B, h, w) grain ids by the `inference` rule."""
     if self.inference == 'expected':
       probs = jax.nn.softmax(logits, axis=-1)
       # P(grain >= j) summed over each image's regions, j = 1..K-1.
       at_least = jnp.cumsum(probs[..., ::-1], axis=-1)[..., ::-1][..., 1:]
       counts = jnp.round(at_least.sum(axis=(1, 2))).astype(jnp.int32)
-      index = entropy_lib.assign_grains_by_counts(expected_grain(logits),
-                                                  counts)
-    elif self.inference == 'argmax':
-      index = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    else:
-      raise ValueError(f'Unknown router inference {self.inference!r}; choose '
-                       f'one of {INFERENCE_MODES}.')
-    return Routing(index, jax.nn.one_hot(index, k), None, logits)
+      return entropy_lib.assign_grains_by_counts(expected_grain(logits),
+                                                 counts).astype(jnp.int32)
+    if self.inference == 'argmax':
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    raise ValueError(f'Unknown router inference {self.inference!r}; choose '
+                     f'one of {INFERENCE_MODES}.')
 
 
 @functools.lru_cache(maxsize=16)
