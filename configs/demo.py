@@ -10,19 +10,19 @@ on the fly with the frozen tokenizer); both resume if interrupted.
 few CPU minutes: 64-pixel crops and F = {4, 8} (8 x 8 regions per image, as
 the paper's {8, 16} gives at 128 pixels).
 
-Router: the official "better version" entropy router, with its percentile
-table computed from the demo's train split at start ('auto'). The paper's
-learned feature router was measured in this budget and did not learn to
-follow detail (240 steps: 0.36 of the validation regions fine against a
-target of 0.5, and all-fine only 0.5 dB above all-coarse where the
-entropy-routed model gains 2.1-2.8 dB; README "The demo"). Its only training
-signal, paper Eq. 6, is the gradient of the chosen grain's soft probability
-through a scale on the chosen features, which says whether to amplify them
-and never what the other grain would have given. With dqvq's
-`model.router_target='gain'` and `model.router_inputs='mean_std'` it ranks
-regions as well as the entropy router in this budget (README, "Training the
-learned router"). Train it with `--config.model.router=feature` (budget loss
-on).
+Router: the paper's learned feature router, trained with the budget loss
+(r_fine = 0.5) and three of dqvq's options, without which it did not learn to
+rank regions in this budget (README, "Training the learned router"):
+`router_target='gain'` (a cross-entropy towards the regions where fine codes
+lower each batch's error most; paper Eq. 6 alone left it at +0.1 dB over
+random regions), `router_inputs='mean_std'` (the gate also sees each fine
+grain's spread within its region) and `router_train_routing='inference'`
+(training batches are routed by the model's own decision, not a Gumbel draw,
+so the fine branch learns the regions it will code). It decides by
+`router_inference='expected'`: each image gets round(sum P(fine)) fine
+regions, its top-ranked ones. `--config.tokenizer.stage1.model.router=entropy`
+gives the official "better version" entropy router instead (its percentile
+table is computed from the train split at start).
 
 The loss is L1 + commitment; the GAN and LPIPS are off because minutes of CPU
 training cannot use them well and LPIPS's VGG16 weights cannot be downloaded
@@ -89,7 +89,7 @@ def get_config(arg=None):
 
 
 def stage1_config(arg=None):
-  """The demo tokenizer: a small dual-grain DQ-VAE with the entropy router."""
+  """The demo tokenizer: a small dual-grain DQ-VAE with the learned router."""
   opts = config_lib.parse_arg(arg)
   c = config_lib.stage1_config(arg)
   c.data.name = 'dqvq_demo'
@@ -101,7 +101,10 @@ def stage1_config(arg=None):
       ch_mult=(1, 1, 2, 4), num_res_blocks=1, attn_factors=(8,),
       z_channels=64, dec_ch=32, dec_ch_mult=(1, 1, 2),
       dec_num_res_blocks=0, dec_attn_factors=(), codebook_size=256,
-      codebook_dim=64, router='entropy', entropy_thresholds='auto',
+      codebook_dim=64, router='feature', router_target='gain',
+      router_inputs='mean_std', router_inference='expected',
+      router_train_routing='inference',
+      entropy_thresholds='auto',  # used if router=entropy is set
       # 8 groups: >= 4 channels per GroupNorm group at these widths. With
       # the paper's 32 (1-2 channels per group) colour and brightness did
       # not pass the encoder and the decoder painted blobs and streaks

@@ -111,12 +111,25 @@ def model_config(base, name: str, steps: int):
   return c
 
 
+class Stopped(Exception):
+  """A model's run stopped early (SIGTERM, Ctrl-C) after saving."""
+
+
 def train(base, name: str, workdir: str, steps: int):
+  """Trains (or resumes) one model; raises Stopped if its run was stopped.
+
+  The run saves and returns early on SIGTERM or Ctrl-C; the study must stop
+  there too rather than go on to train the next models (and leave each of
+  them half trained under a stop that was meant for the whole study).
+  """
   from dqvq.trainers import loop  # pylint: disable=g-import-not-at-top
   c = model_config(base, name, steps)
   run_dir = os.path.join(workdir, name)
   logging.info('study: training %s in %s', name, run_dir)
   state = loop.train_and_evaluate(c, run_dir)
+  if int(state.step) < steps:
+    raise Stopped(f'study: {name} stopped at step {int(state.step)} of '
+                  f'{steps} (saved); rerun the same command to resume.')
   return c, state
 
 
@@ -150,7 +163,11 @@ def main(argv: Sequence[str]) -> None:
     except ValueError as e:
       raise app.UsageError(f'--set: {e}') from e
     names = [n for n in MODELS if any(n in PARTS[p] for p in _ONLY.value)]
-    runs = {n: train(base, n, workdir, _STEPS.value) for n in names}
+    try:
+      runs = {n: train(base, n, workdir, _STEPS.value) for n in names}
+    except Stopped as e:
+      print(e)
+      return
     results = study_eval.run_study(runs, _ONLY.value, workdir,
                                    budgets=BUDGETS, seeds=_SEEDS.value)
     results['steps'] = _STEPS.value

@@ -1,5 +1,7 @@
 """Router / random / oracle allocations of a fixed fine budget (dqvq.study)."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,3 +87,17 @@ def test_study_set_overrides_known_fields_only():
   for bad in ('model.mystery=1', 'nothing.here=1', 'model.router_target'):
     with pytest.raises(ValueError, match='FIELD=VALUE|no field'):
       config_lib.apply_overrides(c, [bad])
+
+
+def test_study_stops_with_a_stopped_run(demo_data_dir, tmp_path):
+  """A model's run that stops early (here `stop_at_step`; SIGTERM and Ctrl-C
+  take the same path) stops the study: it must not go on to train the next
+  models under a stop meant for the whole study."""
+  from test_train import tiny  # pylint: disable=g-import-not-at-top
+  from dqvq import study  # pylint: disable=g-import-not-at-top
+
+  base = tiny(demo_data_dir)
+  base.stop_at_step = 1
+  with pytest.raises(study.Stopped, match='fixed_f8 stopped at step 1 of 3'):
+    study.train(base, 'fixed_f8', str(tmp_path), 3)
+  assert os.listdir(tmp_path / 'fixed_f8' / 'checkpoints') == ['1']

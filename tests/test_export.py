@@ -46,10 +46,11 @@ def test_tokenizer_bundle_round_trip(stage1_workdir, tmp_path):
 
 
 def test_tokenizer_budget_at_inference(stage1_workdir, tmp_path):
-  """The demo's entropy router takes a per-call budget: its thresholds move
-  to the requested share's percentile of the training data, so photos get
-  longer codes for a larger fine share (the exact per-image budget of the
-  feature router is tested in test_dqvae.py)."""
+  """The demo's router takes a per-call budget through the exported bundle:
+  its regions, ranked by the gate, go fine in the requested share, so photos
+  get longer codes for a larger fine share (the exact per-image budget is
+  tested in test_dqvae.py, the entropy router's budget thresholds in
+  test_entropy.py)."""
   import skimage.data  # pylint: disable=g-import-not-at-top
   tok = dqvq.load_tokenizer(export.export_run(stage1_workdir,
                                               str(tmp_path / 'tok')))

@@ -81,8 +81,11 @@ def test_step_gradient_equals_plain_jax_grad_on_demo_model(router):
         out['gate'], vae.grain_factors, vae.grain_ratios,
         c.loss.budget_kind if router == 'feature' else 'none',
         c.loss.budget_weight)
+    # The demo's feature router trains towards the oracle's allocation too
+    # (router_target='gain'): its cross-entropy is part of the real loss.
+    gate_ce = c.loss.router_weight * out.get('router_loss', 0.0)
     return (losses.l1_loss(x, out['reconstruction'])
-            + c.loss.codebook_weight * out['q_loss'] + budget)
+            + c.loss.codebook_weight * out['q_loss'] + budget + gate_ce)
 
   with nn.intercept_methods(plain_upsample):
     loss, want = jax.jit(jax.value_and_grad(total))(state.params)
