@@ -187,7 +187,14 @@ def stage2_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # at a fixed row); 'compact': only non-pad tokens count, as the
       # official does on every image (converted official generators).
       # Slot trained a little better on the demo (dqvq.sequence).
-      position_index='slot'))
+      position_index='slot',
+      # The input layers, paper Table 7 (dqvq.models.transformer): content
+      # table 'shared' by the granularities or 'non_shared'; position tables
+      # 'non_shared' or 'shared'; the granularity (segment) and the absolute
+      # position embeddings on or off. The defaults are the paper's choice
+      # and the official parameters (official checkpoints load);
+      # `python -m dqvq.eval.study_stage2` trains each ablation.
+      **transformer_lib.input_layer_kwargs()))
   c.data = _data_config()
   c.batch_size = 240                  # official 30 per GPU x 8 GPUs
   c.eval_batch_size = 240
@@ -371,6 +378,7 @@ def _validate_stage2(c: ml_collections.ConfigDict, num_devices: int,
   if fsdp > 1 and m.width % fsdp:
     raise ValueError(f'config.model.width={m.width} is not divisible by the '
                      f'fsdp mesh size {fsdp}; FSDP shards the width.')
+  transformer_lib.check_input_layers(transformer_lib.input_layer_kwargs(m))
   if m.get('position_index', 'slot') not in sequence.POSITION_INDEX:
     raise ValueError(f'config.model.position_index={m.position_index!r}; '
                      f'choose one of {sequence.POSITION_INDEX}.')

@@ -14,6 +14,26 @@ every granularity, each granularity has its own position table, and the
 position head scores every granularity over the finest vocabulary, as the
 official does.
 
+The input layers are the paper's Table 7 ablations, switched by four
+attributes (`config.model.*`) whose defaults are the paper's choice and the
+official parameters, names and counts:
+
+  content_sharing='shared'         one `content_emb` for every granularity;
+    'non_shared': one `content_<role>_emb` per granularity instead.
+  position_sharing='non_shared'    one `content_<role>_pos_emb` per
+    granularity; 'shared': only the finest granularity's table, read by
+    every granularity with its own ids (the finest vocabulary holds every
+    granularity's ids, as the position head's does), so a coarse cell and
+    the fine cell with the same index, or a coarse eos and a fine cell,
+    read the same row: what the paper's ablation takes away.
+  granularity_embedding=True       `seg_emb`; False: no such table (as the
+    official StackGPT with segment_size <= 0).
+  absolute_position_embedding=True `pos_emb`; False: no such table, and
+    block_size no longer bounds the sequence length.
+
+Every path (the full forward and the KV-cached decode steps) embeds through
+`embed_tokens` and `next_position_embedding`, so both honour the switches.
+
 Absolute positions (`abs_pos`) are read at `layout.absolute_index`: the slot
 (dqvq's default), or with `position_index='compact'` the row the official
 gives each token, pads left out (converted official generators). Two deliberate differences from the official code: pads are
@@ -36,6 +56,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dqvq import sequence
 from dqvq.models import grain as grain_lib
@@ -46,6 +67,12 @@ Array = jax.Array
 # weight matrix has it, and activations stay batch-sharded.
 LOGICAL_AXIS_RULES = (('embed', 'fsdp'), ('mlp', None), ('heads', None),
                       ('vocab', None), ('length', None))
+
+# The input-layer switches (paper Table 7) and the values of the two that
+# choose between one table for every granularity and one per granularity.
+INPUT_LAYER_FIELDS = ('content_sharing', 'position_sharing',
+                      'granularity_embedding', 'absolute_position_embedding')
+SHARING = ('shared', 'non_shared')
 
 
 def _init(names: tuple[str | None, ...], init=nn.initializers.normal(0.02)):
@@ -181,6 +208,11 @@ class DQTransformer(nn.Module):
     remat: recompute each block's activations in the backward pass instead
       of storing them (`nn.remat`): the paper-size models at the official
       per-device batch need it to fit (see `python -m dqvq.aot`).
+    content_sharing: 'shared' (paper) or 'non_shared' content tables
+      across granularities (paper Table 7; see the module docstring).
+    position_sharing: 'non_shared' (paper) or 'shared' position tables.
+    granularity_embedding: add the granularity (segment) embedding.
+    absolute_position_embedding: add the learned absolute position table.
   """
   layout: sequence.StreamLayout
   width: int = 1024
@@ -194,31 +226,52 @@ class DQTransformer(nn.Module):
   resid_dropout: float = 0.1
   dtype: Any = None
   remat: bool = False
+  content_sharing: str = 'shared'
+  position_sharing: str = 'non_shared'
+  granularity_embedding: bool = True
+  absolute_position_embedding: bool = True
 
   def validate(self) -> None:
+    check_input_layers(self._input_layers())
     if self.width % self.num_heads:
       raise ValueError(f'width={self.width} is not divisible by num_heads='
                        f'{self.num_heads}.')
-    if self.block_size < self.layout.length - 1:
+    if (self.absolute_position_embedding
+        and self.block_size < self.layout.length - 1):
       raise ValueError(
           f'block_size={self.block_size} is shorter than the '
           f'{self.layout.length - 1} inputs of the token layout; raise '
           'block_size or lower the stream capacities.')
 
+  def _input_layers(self) -> dict[str, Any]:
+    return {f: getattr(self, f) for f in INPUT_LAYER_FIELDS}
+
   def setup(self):
+    # Here too: a model built without `validate` must not treat a mistyped
+    # switch as one of the branches below.
+    check_input_layers(self._input_layers())
     lay, e = self.layout, self.width
     embed = lambda n, name: nn.Embed(
         n, e, dtype=self.dtype, name=name,
         embedding_init=_init(('vocab', 'embed')))
-    self.content_emb = embed(lay.content_vocab_size, 'content_emb')
-    roles = grain_lib.grain_role_names(lay.num_grains)
-    self.position_embs = [
-        embed(lay.position_vocab_size(k), f'content_{roles[k] or "grain"}_pos_emb')
-        for k in range(lay.num_grains)]
-    self.seg_emb = embed(lay.num_grains, 'seg_emb')
-    self.pos_emb = self.param(
-        'pos_emb', _init((None, 'length', 'embed'), nn.initializers.zeros),
-        (1, self.block_size, e))
+    roles = [r or 'grain' for r in grain_lib.grain_role_names(lay.num_grains)]
+    # One table serves every granularity (`_grain_lookup`), or one each.
+    self.content_embs = (
+        [embed(lay.content_vocab_size, 'content_emb')]
+        if self.content_sharing == 'shared' else
+        [embed(lay.content_vocab_size, f'content_{roles[k]}_emb')
+         for k in range(lay.num_grains)])
+    self.position_embs = (
+        [embed(lay.position_logits_size, f'content_{roles[-1]}_pos_emb')]
+        if self.position_sharing == 'shared' else
+        [embed(lay.position_vocab_size(k), f'content_{roles[k]}_pos_emb')
+         for k in range(lay.num_grains)])
+    if self.granularity_embedding:
+      self.seg_emb = embed(lay.num_grains, 'seg_emb')
+    if self.absolute_position_embedding:
+      self.pos_emb = self.param(
+          'pos_emb', _init((None, 'length', 'embed'), nn.initializers.zeros),
+          (1, self.block_size, e))
     # `train` (argument 3, counting self) is a Python bool: static.
     block_cls = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
     block = lambda name: block_cls(self.num_heads, self.mlp_ratio,
@@ -236,14 +289,26 @@ class DQTransformer(nn.Module):
                                'content_head', self.dtype, use_bias=False)
     self.embed_drop = nn.Dropout(self.embed_dropout)
 
-  def position_embedding(self, position: Array, grain: Array) -> Array:
-    """Each token's position through its own granularity's table."""
-    out = jnp.zeros(position.shape + (self.width,), self.dtype or jnp.float32)
-    for k, table in enumerate(self.position_embs):
-      vocab = self.layout.position_vocab_size(k)
-      emb = table(jnp.clip(position, 0, vocab - 1))
-      out = jnp.where((grain == k)[..., None], emb, out)
+  def _grain_lookup(self, tables: list[nn.Embed], ids: Array,
+                    grain: Array) -> Array:
+    """Each token's id through its granularity's table (one table: all).
+
+    Ids are clipped into the table, so an id of another granularity's
+    vocabulary (only ever at a token whose row is then not selected, or a
+    pad, which is zeroed) never reads out of range.
+    """
+    read = lambda table: table(jnp.clip(ids, 0, table.num_embeddings - 1))
+    if len(tables) == 1:
+      return read(tables[0])
+    out = jnp.zeros(ids.shape + (self.width,), self.dtype or jnp.float32)
+    for k, table in enumerate(tables):
+      out = jnp.where((grain == k)[..., None], read(table), out)
     return out
+
+  def position_embedding(self, position: Array, grain: Array) -> Array:
+    """Each token's position through its granularity's table (or the
+    shared one)."""
+    return self._grain_lookup(self.position_embs, position, grain)
 
   def embed_tokens(self, content: Array, position: Array, grain: Array,
                    pad: Array | None, abs_index: Array) -> Array:
@@ -255,9 +320,13 @@ class DQTransformer(nn.Module):
     a stream predicts the next stream's sos) then depends on no pad
     embedding either.
     """
-    abs_pos = jnp.take(self.pos_emb[0], abs_index, axis=0)
-    x = (self.content_emb(content) + self.position_embedding(position, grain)
-         + self.seg_emb(grain) + abs_pos.astype(self.dtype or jnp.float32))
+    x = (self._grain_lookup(self.content_embs, content, grain)
+         + self.position_embedding(position, grain))
+    if self.granularity_embedding:
+      x = x + self.seg_emb(grain)
+    if self.absolute_position_embedding:
+      abs_pos = jnp.take(self.pos_emb[0], abs_index, axis=0)
+      x = x + abs_pos.astype(self.dtype or jnp.float32)
     return x if pad is None else jnp.where(pad[..., None], 0.0, x).astype(
         x.dtype)
 
@@ -360,6 +429,37 @@ class DQTransformer(nn.Module):
       new_cache.append(layer_cache)
     logits = self.content_head(self.content_head_ln(h))
     return logits[:, 0].astype(jnp.float32), new_cache
+
+
+def check_input_layers(switches: dict[str, Any]) -> None:
+  """Refuses, naming the config field, a switch value that means nothing.
+
+  Called by `DQTransformer.validate` and by `config_lib.validate_config`,
+  which runs before a two-stage run trains its tokenizer.
+  """
+  for field in ('content_sharing', 'position_sharing'):
+    value = switches[field]
+    if value not in SHARING:
+      raise ValueError(
+          f'config.model.{field}={value!r}; choose one of {SHARING}: one '
+          'table for every granularity, or one per granularity (paper '
+          'Table 7).')
+  for field in ('granularity_embedding', 'absolute_position_embedding'):
+    value = switches[field]
+    if not isinstance(value, (bool, np.bool_)):
+      raise ValueError(f'config.model.{field}={value!r}; it must be True or '
+                       'False (paper Table 7).')
+
+
+def input_layer_kwargs(model_config: Any = None) -> dict[str, Any]:
+  """The input-layer switches of a `config.model` (or the defaults).
+
+  A field the config lacks takes the module's default: configs saved before
+  the switches existed trained the paper's input layers.
+  """
+  fields = DQTransformer.__dataclass_fields__
+  return {f: (model_config or {}).get(f, fields[f].default)
+          for f in INPUT_LAYER_FIELDS}
 
 
 def paper_kwargs(size: str = 'base') -> dict[str, Any]:

@@ -73,7 +73,8 @@ def build_models(config: ml_collections.ConfigDict,
       block_size=m.block_size, mlp_ratio=m.mlp_ratio,
       embed_dropout=m.embed_dropout, attn_dropout=m.attn_dropout,
       resid_dropout=m.resid_dropout, dtype=common.compute_dtype(config),
-      remat=bool(m.get('remat', False)))
+      remat=bool(m.get('remat', False)),
+      **transformer_lib.input_layer_kwargs(m))
   model.validate()
   schedule = common.learning_rate_schedule(config)
   return Stage2Models(model, layout, common.adamw(config, schedule), schedule,
