@@ -53,7 +53,8 @@ def decode_streams(tok: tokenizer_lib.Tokenizer, content: jax.Array,
 class Generator:
   """DQ-Transformer + tokenizer; `sample` returns images and their tokens.
 
-  `sample_batches` yields the same batch by batch, left on the devices.
+  `sample_batches` yields the same batch by batch, left on the devices;
+  `compress` / `decompress` use the model as an image codec (`dqvq.image_codec`).
   """
   model: Any
   params: Any
@@ -191,6 +192,19 @@ class Generator:
     res = {name: np.concatenate(v) for name, v in results.items()}
     res['label'] = np.concatenate(labels)
     return res
+
+  def compress(self, images: Any, *, class_labels: Sequence[int] = (),
+               grain_ratios: Sequence[float] | None = None) -> list[bytes]:
+    """One .dqvq file (bytes) per image, coded with this model's
+    probabilities; see `dqvq.image_codec.compress`."""
+    from dqvq import image_codec  # pylint: disable=g-import-not-at-top
+    return image_codec.compress(self, images, class_labels, grain_ratios)
+
+  def decompress(self, files: Sequence[bytes]) -> np.ndarray:
+    """.dqvq files -> (N, H, W, 3) float32 images in [-1, 1], like
+    `sample`'s 'image'; see `dqvq.image_codec.decompress`."""
+    from dqvq import image_codec  # pylint: disable=g-import-not-at-top
+    return image_codec.decompress(self, files)
 
 
 @dataclasses.dataclass(frozen=True)
