@@ -3,11 +3,12 @@
     x -> HierarchicalEncoder -> per-grain features
       -> router (feature / entropy / random) -> grain map
       -> merge on the finest grid (x gate_scale) -> quant_conv
-      -> VectorQuantizer (EMA) -> post_quant_conv -> Decoder -> x_hat
+      -> quantizer (EMA, cosine or FSQ) -> post_quant_conv -> Decoder -> x_hat
 
 Call `apply` with `method=DQVAE.encode`, `DQVAE.decode`, `DQVAE.decode_codes`
 or the full forward. Variable collections: 'params' (trainable), 'codebook'
-(EMA codebook state, mutable in training). RNG streams in training: 'gumbel'
+(the quantizer's state: the EMA codebook, mutable in training; FSQ's level
+grid, constant). RNG streams in training: 'gumbel'
 (feature router), 'restart' (dead codes), 'dropout'; 'router' for the random
 router at any time.
 """
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 from dqvq.models import decoder as decoder_lib
 from dqvq.models import encoder as encoder_lib
 from dqvq.models import entropy as entropy_lib
+from dqvq.models import fsq as fsq_lib
 from dqvq.models import grain as grain_lib
 from dqvq.models import layers
 from dqvq.models import quantizer as quantizer_lib
@@ -34,6 +36,10 @@ Array = jax.Array
 
 GATE_GRADIENTS = ('scale', 'mixture', 'codes')
 ROUTER_TARGETS = ('none', 'gain')
+# config.model.quantizer: 'ema' (official: nearest neighbour, EMA codebook,
+# dead-code restart), 'cosine' (the same on l2-normalised features and codes,
+# quantizer.CosineQuantizer), 'fsq' (finite scalar quantisation, fsq.py).
+QUANTIZERS = ('ema', 'cosine', 'fsq')
 
 # DQVAE fields that are not `config.model` fields: Flax's own, and the run's
 # platform choices (set by whoever builds the model, not by a config).
@@ -68,12 +74,21 @@ class DQVAE(nn.Module):
   dec_num_res_blocks: int = 2
   dec_attn_factors: tuple[int, ...] = (8,)
   position_embedding: str = 'fourier+learned'
-  # Quantizer.
+  # Quantizer (QUANTIZERS). codebook_size is the vocabulary of stage 2 for
+  # every choice; with 'fsq' it must equal prod(fsq_levels).
+  quantizer: str = 'ema'
   codebook_size: int = 1024
+  # The latent width at the quantizer for 'ema' and 'cosine'. FSQ's latent
+  # has one channel per level count instead (`latent_dim`): quant_conv is the
+  # projection to it that the FSQ paper puts in front of the rounding.
   codebook_dim: int = 256
+  # 'ema' and 'cosine': commitment weight, EMA decay, dead-code restart.
   beta: float = 0.25
   ema_decay: float = 0.99
   restart_unused: bool = True
+  # 'fsq': levels per latent channel; (8, 8, 4) is 256 codes, (8, 8, 4, 4)
+  # 1024, (8, 5, 5, 5) the paper's 1000.
+  fsq_levels: tuple[int, ...] = (8, 8, 4)
   # Router.
   router: str = 'feature'
   gate_type: str = 'mlp'
@@ -142,11 +157,15 @@ class DQVAE(nn.Module):
     elif self.router == 'random':
       self.grain_router = router_lib.RandomRouter(
           factors, tuple(self.grain_ratios))
-    self.quant_conv = layers.Conv(self.codebook_dim, 1, padding=0,
+    self.quant_conv = layers.Conv(self.latent_dim, 1, padding=0,
                                   cpu_kernels=self.cpu_kernels)
-    self.quantize = quantizer_lib.VectorQuantizer(
-        self.codebook_size, self.codebook_dim, self.beta, self.ema_decay,
-        self.restart_unused)
+    if self.quantizer == 'fsq':
+      self.quantize = fsq_lib.FiniteScalarQuantizer(tuple(self.fsq_levels))
+    else:
+      cls = {'ema': quantizer_lib.VectorQuantizer,
+             'cosine': quantizer_lib.CosineQuantizer}[self.quantizer]
+      self.quantize = cls(self.codebook_size, self.codebook_dim, self.beta,
+                          self.ema_decay, self.restart_unused)
     self.post_quant_conv = layers.Conv(self.z_channels, 1, padding=0,
                                        cpu_kernels=self.cpu_kernels)
     self.decoder = decoder_lib.Decoder(
@@ -178,6 +197,11 @@ class DQVAE(nn.Module):
     if self.router_inference not in router_lib.INFERENCE_MODES:
       raise ValueError(f'Unknown router_inference {self.router_inference!r}; '
                        f'choose one of {router_lib.INFERENCE_MODES}.')
+    if self.quantizer not in QUANTIZERS:
+      raise ValueError(f'Unknown quantizer {self.quantizer!r}; choose one of '
+                       f'{QUANTIZERS}.')
+    if self.quantizer == 'fsq':
+      fsq_lib.validate_levels(tuple(self.fsq_levels), self.codebook_size)
     if self.router == 'none' and len(factors) > 1:
       raise ValueError("router='none' needs a single grain (plain VQGAN); "
                        'with several grains choose feature, entropy or random.')
@@ -191,6 +215,12 @@ class DQVAE(nn.Module):
   @property
   def num_grains(self) -> int:
     return len(self.grain_factors)
+
+  @property
+  def latent_dim(self) -> int:
+    """Channels of the quantized latents (what decode takes)."""
+    return (len(self.fsq_levels) if self.quantizer == 'fsq'
+            else self.codebook_dim)
 
   def route(self, x: Array, features: Sequence[Array], train: bool,
             grain_ratios: Sequence[float] | None) -> router_lib.Routing:

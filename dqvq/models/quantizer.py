@@ -1,4 +1,9 @@
-"""Vector quantizer with an EMA codebook and dead-code restart.
+"""Vector quantizers with an EMA codebook and dead-code restart.
+
+`VectorQuantizer` ('ema', the default) is the official one below;
+`CosineQuantizer` ('cosine') is the same with features and codes
+l2-normalised (its docstring says why it keeps the EMA). The third choice of
+`config.model.quantizer`, FSQ, has no codebook to learn (`dqvq.models.fsq`).
 
 This is the official `VectorQuantize2` (RQ-VAE style), not the paper's plain
 VQ: the codebook is not trained by gradients but follows an exponential moving
@@ -88,6 +93,23 @@ def codebook_from_ema(cluster_size: Array, embed_sum: Array,
   return embed_sum / smoothed[:, None]
 
 
+def l2_normalize(x: Array, eps: float = 1e-6) -> Array:
+  """x / max(||x||, eps) over the last axis.
+
+  The floor keeps a zero vector zero, with a zero gradient, where x / ||x||
+  would give NaN.
+  """
+  sq = jnp.sum(x * x, axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+
+
+def max_cosine_codes(x: Array, codebook: Array) -> Array:
+  """argmax_k cos(x, e_k) over the last axis, first index on ties."""
+  sim = jnp.matmul(l2_normalize(x), l2_normalize(codebook).T,
+                   precision=_HIGHEST)
+  return jnp.argmax(sim, axis=-1).astype(jnp.int32)
+
+
 def usage_stats(counts: Array) -> dict[str, Array]:
   """Share of codes used in a batch and the perplexity of the code histogram."""
   p = counts / jnp.maximum(counts.sum(), 1.0)
@@ -118,12 +140,28 @@ class VectorQuantizer(nn.Module):
     k, d = self.codebook_size, self.codebook_dim
     self.embedding = self.variable(
         'codebook', 'embedding',
-        lambda: jax.random.uniform(self.make_rng('params'), (k, d),
-                                   jnp.float32, -1.0 / k, 1.0 / k))
+        lambda: self._initial_codebook(jax.random.uniform(
+            self.make_rng('params'), (k, d), jnp.float32, -1.0 / k, 1.0 / k)))
     self.cluster_size = self.variable('codebook', 'cluster_size',
                                       lambda: jnp.zeros((k,), jnp.float32))
     self.embed_sum = self.variable('codebook', 'embed_sum',
                                    lambda: self.embedding.value)
+
+  # What the cosine codebook changes (CosineQuantizer); the identity and the
+  # plain squared distance here.
+  def _initial_codebook(self, codebook: Array) -> Array:
+    return codebook
+
+  def _features(self, z: Array) -> Array:
+    """The vectors that are quantized and that the EMA averages."""
+    return z
+
+  def _assign(self, flat: Array, codebook: Array) -> Array:
+    return nearest_codes(flat, codebook)
+
+  def _codebook_from_ema(self, cluster_size: Array, embed_sum: Array
+                         ) -> Array:
+    return codebook_from_ema(cluster_size, embed_sum, self.eps)
 
   def lookup(self, codes: Array) -> Array:
     """Code ids (any shape) -> vectors (..., D)."""
@@ -133,9 +171,9 @@ class VectorQuantizer(nn.Module):
     """The codebook vector nearest to each latent (..., D); no update, no
     gradient. What the decoder would get if these latents were coded."""
     codebook = jax.lax.stop_gradient(self.embedding.value)
-    flat = jax.lax.stop_gradient(z).astype(jnp.float32).reshape(
-        -1, self.codebook_dim)
-    return jnp.take(codebook, nearest_codes(flat, codebook),
+    flat = self._features(jax.lax.stop_gradient(z).astype(jnp.float32)
+                          ).reshape(-1, self.codebook_dim)
+    return jnp.take(codebook, self._assign(flat, codebook),
                     axis=0).reshape(z.shape)
 
   def __call__(self, z: Array, weight_mask: Array | None = None,
@@ -152,10 +190,10 @@ class VectorQuantizer(nn.Module):
     if z.shape[-1] != self.codebook_dim:
       raise ValueError(f'latent channels {z.shape[-1]} != codebook_dim '
                        f'{self.codebook_dim}; set z_channels = codebook_dim.')
-    z = z.astype(jnp.float32)
+    z = self._features(z.astype(jnp.float32))
     flat = z.reshape(-1, self.codebook_dim)
     codebook = self.embedding.value
-    codes = nearest_codes(flat, codebook)
+    codes = self._assign(flat, codebook)
     z_q = jnp.take(codebook, codes, axis=0).reshape(z.shape)
 
     mask = 1.0 if weight_mask is None else weight_mask[..., None]
@@ -178,7 +216,7 @@ class VectorQuantizer(nn.Module):
                                             self.make_rng('restart'))
       self.cluster_size.value = cluster
       self.embed_sum.value = embed
-      self.embedding.value = codebook_from_ema(cluster, embed, self.eps)
+      self.embedding.value = self._codebook_from_ema(cluster, embed)
     else:
       counts = jax.ops.segment_sum(jnp.ones_like(codes, jnp.float32), codes,
                                    self.codebook_size)
@@ -189,3 +227,45 @@ class VectorQuantizer(nn.Module):
     aux = {'q_loss': commitment + codebook_term, 'commitment_loss': commitment,
            'codebook_loss': codebook_term, **usage_stats(counts)}
     return z_st, codes.reshape(z.shape[:-1]), aux
+
+
+class CosineQuantizer(VectorQuantizer):
+  """The EMA quantizer on the unit sphere: an l2-normalised codebook.
+
+  Features and codes are l2-normalised before the nearest-neighbour search
+  (ViT-VQGAN, Yu et al. 2022; improved VQGAN), so a code is chosen by
+  direction alone: the search is the maximum cosine similarity, and no code
+  can be left behind because the features' norm drifted away from it. The
+  decoder gets unit vectors (the straight-through estimate of the
+  normalised feature), and the commitment loss pulls the normalised feature
+  towards its code, its gradient going back through the normalisation.
+
+  The codebook keeps the EMA update rather than learning by gradient with a
+  codebook loss, for three reasons:
+  * it is the optimum the codebook loss only approaches: for fixed
+    assignments, the unit vector with the largest summed cosine to its
+    features is their normalised mean, which is what the EMA's cluster mean,
+    renormalised, tracks (spherical k-means, online);
+  * a codebook learned by gradient moves at the generator's learning rate
+    and warm-up (Adam's step, whatever its distance to the cluster mean)
+    and would want a rate of its own; the EMA moves each code a fixed
+    1 - decay of the way to its cluster's mean at every step;
+  * the dead-code restart, the other half of high codebook usage, needs the
+    EMA's counts, and the state keeps the EMA quantizer's tree
+    ('codebook': embedding, cluster_size, embed_sum; same shapes), so every
+    user of it works unchanged.
+  `embedding` holds the normalised codebook, so `lookup` is a plain gather.
+  """
+
+  def _initial_codebook(self, codebook: Array) -> Array:
+    return l2_normalize(codebook)
+
+  def _features(self, z: Array) -> Array:
+    return l2_normalize(z)
+
+  def _assign(self, flat: Array, codebook: Array) -> Array:
+    return max_cosine_codes(flat, codebook)
+
+  def _codebook_from_ema(self, cluster_size: Array, embed_sum: Array
+                         ) -> Array:
+    return l2_normalize(codebook_from_ema(cluster_size, embed_sum, self.eps))

@@ -43,7 +43,9 @@ class Stage1State:
   """Everything a step changes; one pytree, donated to the step."""
   step: Array
   params: Any          # DQ-VAE 'params'
-  codebook: Any        # DQ-VAE 'codebook' (EMA state, not trained by grads)
+  codebook: Any        # DQ-VAE 'codebook' (the quantizer's state: the EMA
+  #                      codebook, or FSQ's constant levels; not trained by
+  #                      gradients)
   opt_state: Any
   disc_params: Any
   disc_batch_stats: Any
