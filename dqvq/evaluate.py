@@ -4,11 +4,14 @@ r"""Evaluates a tokenizer or generator: every figure of the paper's tables.
       [--num_images N] [--what tokenizer|generator] [--batch_size B] \
       [--inception_weights DIR|random] [--lpips_weights DIR|random] \
       [--ratios 0.3,0.5,0.7] [--data_dir D] [--out OUT] [--stats_cache DIR] \
-      [--num_samples N --class_label C --top_k 300 --cfg_scale 1.5 ...]
+      [--num_samples N --class_label C --top_k 300 --cfg_scale 1.5 ...] \
+      [--codec_images 32]
 
 What is measured is in `dqvq.eval.tokenizer_eval` (PSNR / SSIM / LPIPS,
 rFID, usage, code lengths, coding-map AUROC, rate-distortion budgets) and
-`dqvq.eval.generator_eval` (FID / IS, sampled vs data code lengths). This
+`dqvq.eval.generator_eval` (FID / IS, sampled vs data code lengths and, for
+the first --codec_images held-out images, the measured bits per pixel of
+.dqvq files beside the fixed-rate count and the model's cross-entropy). This
 module checks the input (before anything is compiled), reads the split once
 and writes OUT/metrics.json (default OUT: RUN/eval/<what>-<split>-step<N>)
 with every figure, the config, checkpoint step, data hash and weights used,
@@ -48,6 +51,7 @@ from dqvq import sampling
 from dqvq import sharding
 from dqvq import tokenizer as tokenizer_lib
 from dqvq.data import pipeline
+from dqvq.eval import codec_eval
 from dqvq.eval import generator_eval
 from dqvq.eval import plots
 from dqvq.eval import tokenizer_eval
@@ -59,7 +63,8 @@ HEADLINE = ('psnr', 'ssim', 'lpips', 'rfid', 'codebook_usage', 'perplexity',
             'code_length_mean', 'code_length_var', 'coding_map_auroc',
             'bits_per_image', 'fid', 'inception_score',
             'sample_code_length_mean', 'data_code_length_mean',
-            'code_length_wasserstein')
+            'code_length_wasserstein', 'codec_bpp', 'codec_cross_entropy_bpp',
+            'codec_fixed_rate_bpp', 'codec_payload_over_cross_entropy')
 
 
 @dataclasses.dataclass
@@ -83,6 +88,7 @@ class EvalOptions:
   sampling: sampling.SamplingConfig = dataclasses.field(
       default_factory=sampling.SamplingConfig)
   tensorboard: bool = True
+  codec_images: int = 32              # generator; 0: no codec figures
 
 
 @dataclasses.dataclass
@@ -196,8 +202,12 @@ def _scalars(figures: dict[str, Any]) -> dict[str, float]:
               v, bool) and math.isfinite(float(v))}
 
 
-def _global_batches(datasets: pipeline.Datasets, mesh: jax.sharding.Mesh):
+def _global_batches(datasets: pipeline.Datasets, mesh: jax.sharding.Mesh,
+                    held_out: codec_eval.HeldOut | None = None):
+  """The split's global batches; `held_out` keeps its first host images."""
   for host_batch in datasets.eval:
+    if held_out is not None:
+      held_out.add(host_batch)
     yield pipeline.make_global_batch(
         {'image': host_batch['image'], 'mask': host_batch['mask']}, mesh)
 
@@ -233,6 +243,9 @@ def run(options: EvalOptions) -> dict[str, Any]:
   if options.num_images < 0 or options.num_samples < 0:
     raise ValueError('--num_images and --num_samples must be >= 0 '
                      '(0: the whole split / as many as the images).')
+  if options.codec_images < 0:
+    raise ValueError(f'--codec_images={options.codec_images} must be >= 0 '
+                     '(0: no codec figures).')
   data_cfg = (tok_cfg if what == 'tokenizer' else src.config).data
   data, data_info = tokenizer_eval.resolve_data(
       data_cfg, split=options.split, num_images=options.num_images,
@@ -257,7 +270,9 @@ def run(options: EvalOptions) -> dict[str, Any]:
       min(data_info['num_images'], num_samples))
   bar = tqdm.tqdm(unit='img', desc=f'evaluating {what}',
                   disable=jax.process_index() != 0)
-  batches = _global_batches(datasets, mesh)
+  held_out = (codec_eval.HeldOut(options.codec_images)
+              if what == 'generator' and options.codec_images else None)
+  batches = _global_batches(datasets, mesh, held_out)
   if what == 'tokenizer':
     tok = load_tokenizer(src, mesh)
     res = tokenizer_eval.evaluate_tokenizer(
@@ -273,6 +288,13 @@ def run(options: EvalOptions) -> dict[str, Any]:
         batch_size=batch, fid=fid, num_pictures=options.num_pictures,
         on_batch=bar.update)
   bar.close()
+  if held_out is not None and held_out.count and jax.process_index() == 0:
+    # One process codes: each image is one device's sequential walk.
+    codec_start = time.time()
+    res['figures'].update(codec_eval.codec_figures(
+        gen, *held_out.arrays()))
+    logging.info('Codec figures of %d held-out images in %.1f s.',
+                 held_out.count, time.time() - codec_start)
   pictures = []
   if jax.process_index() == 0:
     factors = tuple(tok.vae.grain_factors)
@@ -334,6 +356,10 @@ def define_flags() -> None:
                       'directory; default: --out.')
   flags.DEFINE_integer('num_pictures', 8, 'Examples (or samples) pictured.')
   flags.DEFINE_bool('tensorboard', True, 'Also write the run\'s TensorBoard.')
+  flags.DEFINE_integer('codec_images', 32, 'Generator: code the first N '
+                       'held-out images as .dqvq files and report their '
+                       'measured bits per pixel beside the fixed-rate count '
+                       'and the model\'s cross-entropy; 0: skip.')
   sample.define_sampling_flags()
   flags.adopt_module_key_flags(sample)  # listed in --help
 
@@ -354,7 +380,7 @@ def options_from_flags() -> EvalOptions:
       data_dir=FLAGS.data_dir, out=FLAGS.out, stats_cache=FLAGS.stats_cache,
       num_pictures=FLAGS.num_pictures,
       class_labels=tuple(FLAGS.class_label), sampling=config,
-      tensorboard=FLAGS.tensorboard)
+      tensorboard=FLAGS.tensorboard, codec_images=FLAGS.codec_images)
 
 
 def main(argv: Sequence[str]) -> None:

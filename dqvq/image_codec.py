@@ -90,10 +90,16 @@ def labels_for(gen: Any, n: int, class_labels: Sequence[int]) -> np.ndarray:
       np.int32)
 
 
-def encode_images(gen: Any, images: Any, class_labels: Sequence[int] = (),
+def token_streams(gen: Any, images: Any, class_labels: Sequence[int] = (),
                   grain_ratios: Sequence[float] | None = None
-                  ) -> tuple[list[stream_coder.Coded], np.ndarray]:
-  """Images -> their coded files and (B,) code counts (see `compress`)."""
+                  ) -> dict[str, np.ndarray]:
+  """The token streams `encode_images` codes (arguments as `compress`).
+
+  Host (B, L) 'content' and 'position', (B,) 'label' (as the headers hold
+  it; 0 for an unconditional generator) and (B,) 'num_codes', from the
+  same compiled program on the same device as the coder's, so a caller can
+  check decoded files against exactly what was coded.
+  """
   coder, lay = coder_for(gen), gen.layout
   x = _model_images(gen, images)
   labels = labels_for(gen, x.shape[0], class_labels)
@@ -107,14 +113,26 @@ def encode_images(gen: Any, images: Any, class_labels: Sequence[int] = (),
         f'Images {np.flatnonzero(streams["truncated"]).tolist()} have more '
         f'codes than the generator\'s stream capacities {lay.capacities}: '
         'code them with a smaller fine share (grain_ratios).')
+  return {'content': np.asarray(streams['content']),
+          'position': np.asarray(streams['position']),
+          'label': labels,
+          'num_codes': np.asarray(streams['num_codes'])}
+
+
+def encode_images(gen: Any, images: Any, class_labels: Sequence[int] = (),
+                  grain_ratios: Sequence[float] | None = None
+                  ) -> tuple[list[stream_coder.Coded], np.ndarray]:
+  """Images -> their coded files and (B,) code counts (see `compress`)."""
+  coder, lay = coder_for(gen), gen.layout
+  res = gen.config.data.resolution
+  streams = token_streams(gen, images, class_labels, grain_ratios)
   coded = []
-  for i in range(x.shape[0]):
-    header = codec_format.Header(
-        coder.fingerprint, x.shape[1], x.shape[2],
-        int(labels[i]) if lay.num_classes else None)
+  for i, label in enumerate(streams['label']):
+    header = codec_format.Header(coder.fingerprint, res, res,
+                                 int(label) if lay.num_classes else None)
     coded.append(coder.encode(streams['content'][i], streams['position'][i],
-                              int(labels[i]), header))
-  return coded, np.asarray(streams['num_codes'])
+                              int(label), header))
+  return coded, streams['num_codes']
 
 
 def compress(gen: Any, images: Any, class_labels: Sequence[int] = (),
