@@ -46,20 +46,28 @@ from dqvq import config_lib
 from dqvq import cpu_tuning  # defines --cpu_tuning
 
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Runs and results go here.')
-_STEPS = flags.DEFINE_integer('steps', 240, 'Training steps of every model.')
-_CONFIG = flags.DEFINE_string(
-    'config', 'configs/demo.py', 'A config file whose stage1_config() (or '
-    'get_config(), stage 1) is the base of every model.')
-_ONLY = flags.DEFINE_list('only', ['table5', 'budget', 'table6', 'figure5'],
-                          'Parts to run.')
-_SEEDS = flags.DEFINE_integer('random_seeds', 5, 'Random allocations.')
-_RUN = flags.DEFINE_string('run', None, 'Measure this trained stage-1 run '
-                           'instead of training the study\'s models.')
-_SET = flags.DEFINE_multi_string(
-    'set', [], 'FIELD=VALUE on the base config before the study\'s own '
-    'changes, e.g. --set model.router_target=gain --set optim.'
-    'router_lr_multiplier=10 (VALUE is a Python literal, else a string).')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The CLI's flags, defined only when run as a script: importing the
+  module as a library (a test, beside `dqvq.train`'s flags) must not define
+  --workdir twice."""
+  flags.DEFINE_string('workdir', None, 'Runs and results go here.')
+  flags.DEFINE_integer('steps', 240, 'Training steps of every model.')
+  flags.DEFINE_string(
+      'config', 'configs/demo.py', 'A config file whose stage1_config() (or '
+      'get_config(), stage 1) is the base of every model.')
+  flags.DEFINE_list('only', ['table5', 'budget', 'table6', 'figure5'],
+                    'Parts to run.')
+  flags.DEFINE_integer('random_seeds', 5, 'Random allocations.')
+  flags.DEFINE_string('run', None, 'Measure this trained stage-1 run '
+                      'instead of training the study\'s models.')
+  flags.DEFINE_multi_string(
+      'set', [], 'FIELD=VALUE on the base config before the study\'s own '
+      'changes, e.g. --set model.router_target=gain --set optim.'
+      'router_lr_multiplier=10 (VALUE is a Python literal, else a string).')
+
 
 TRIPLE = dict(grain_factors=(8, 4, 2), grain_ratios=(0.3, 0.625, 0.075),
               dec_ch_mult=(1, 2))
@@ -136,43 +144,43 @@ def train(base, name: str, workdir: str, steps: int):
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  unknown = set(_ONLY.value) - set(PARTS)
+  unknown = set(FLAGS.only) - set(PARTS)
   if unknown:
     raise app.UsageError(f'--only: unknown parts {sorted(unknown)}; choose '
                          f'from {sorted(PARTS)}.')
-  if _STEPS.value <= 0 or _SEEDS.value <= 0:
+  if FLAGS.steps <= 0 or FLAGS.random_seeds <= 0:
     raise app.UsageError('--steps and --random_seeds must be positive.')
-  if not os.path.isfile(_CONFIG.value.partition(':')[0]):
-    raise app.UsageError(f'--config {_CONFIG.value} does not exist.')
+  if not os.path.isfile(FLAGS.config.partition(':')[0]):
+    raise app.UsageError(f'--config {FLAGS.config} does not exist.')
   from dqvq import distributed  # pylint: disable=g-import-not-at-top
   cpu_tuning.prepare_process()  # CPU runs only; may restart once
   distributed.initialize()
   from dqvq.eval import study_eval  # pylint: disable=g-import-not-at-top
-  workdir = os.path.abspath(_WORKDIR.value)
+  workdir = os.path.abspath(FLAGS.workdir)
   os.makedirs(workdir, exist_ok=True)
-  if _RUN.value:
+  if FLAGS.run:
     from dqvq import tokenizer  # pylint: disable=g-import-not-at-top
-    tok = tokenizer.load_stage1(_RUN.value)
+    tok = tokenizer.load_stage1(FLAGS.run)
     results = study_eval.run_one(tok.config, tok, budgets=BUDGETS,
-                                 seeds=_SEEDS.value)
-    results.update(run=os.path.abspath(_RUN.value), steps=tok.step)
+                                 seeds=FLAGS.random_seeds)
+    results.update(run=os.path.abspath(FLAGS.run), steps=tok.step)
   else:
-    base = base_config(_CONFIG.value)
+    base = base_config(FLAGS.config)
     try:
-      config_lib.apply_overrides(base, _SET.value)
+      config_lib.apply_overrides(base, FLAGS.set)
     except ValueError as e:
       raise app.UsageError(f'--set: {e}') from e
-    names = [n for n in MODELS if any(n in PARTS[p] for p in _ONLY.value)]
+    names = [n for n in MODELS if any(n in PARTS[p] for p in FLAGS.only)]
     try:
-      runs = {n: train(base, n, workdir, _STEPS.value) for n in names}
+      runs = {n: train(base, n, workdir, FLAGS.steps) for n in names}
     except Stopped as e:
       print(e)
       return
-    results = study_eval.run_study(runs, _ONLY.value, workdir,
-                                   budgets=BUDGETS, seeds=_SEEDS.value)
-    results['steps'] = _STEPS.value
-  results['config'] = _CONFIG.value
-  results['set'] = list(_SET.value)
+    results = study_eval.run_study(runs, FLAGS.only, workdir,
+                                   budgets=BUDGETS, seeds=FLAGS.random_seeds)
+    results['steps'] = FLAGS.steps
+  results['config'] = FLAGS.config
+  results['set'] = list(FLAGS.set)
   with open(os.path.join(workdir, 'study.json'), 'w') as f:
     json.dump(results, f, indent=1)
   md = study_eval.markdown(results)
@@ -184,5 +192,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flags_as_required(['workdir'])
   app.run(main)
