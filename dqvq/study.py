@@ -34,7 +34,6 @@ regions coarse, all fine, and router / random / oracle at each budget.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
 
@@ -181,14 +180,8 @@ def main(argv: Sequence[str]) -> None:
     results['steps'] = FLAGS.steps
   results['config'] = FLAGS.config
   results['set'] = list(FLAGS.set)
-  with open(os.path.join(workdir, 'study.json'), 'w') as f:
-    json.dump(results, f, indent=1)
-  md = study_eval.markdown(results)
-  path = os.path.join(workdir, 'study.md')
-  with open(path, 'w') as f:
-    f.write(md)
-  print(md)
-  print(f'study={path}')
+  study_eval.write_tables(workdir, 'study', results,
+                          study_eval.markdown(results))
 
 
 if __name__ == '__main__':

@@ -8,6 +8,7 @@ need are listed in `dqvq.study`; this module only evaluates trained runs.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Any, Sequence
@@ -343,3 +344,17 @@ def markdown(res: dict[str, Any]) -> str:
 
 __all__ = ['Model', 'run_study', 'markdown', 'budget_figures',
            'coding_figures', 'figure5']
+
+
+def write_tables(workdir: str, stem: str, results: dict[str, Any],
+                 md: str) -> str:
+  """WORKDIR/STEM.json and STEM.md; prints the table and `STEM=PATH` last,
+  the line the study CLIs promise. Returns the Markdown file's path."""
+  with open(os.path.join(workdir, f'{stem}.json'), 'w') as f:
+    json.dump(results, f, indent=1)
+  path = os.path.join(workdir, f'{stem}.md')
+  with open(path, 'w') as f:
+    f.write(md)
+  print(md)
+  print(f'{stem}={path}')
+  return path

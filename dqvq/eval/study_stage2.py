@@ -26,7 +26,6 @@ WORKDIR/table7.md. Last line: `table7=WORKDIR/table7.md`.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from typing import Any, Sequence
 
@@ -264,14 +263,8 @@ def main(argv: Sequence[str]) -> None:
   os.makedirs(workdir, exist_ok=True)
   results = table7(FLAGS.tokenizer_run, workdir, FLAGS.steps,
                    config=FLAGS.config, overrides=FLAGS.set)
-  with open(os.path.join(workdir, 'table7.json'), 'w') as f:
-    json.dump(results, f, indent=1)
-  md = markdown(results)
-  path = os.path.join(workdir, 'table7.md')
-  with open(path, 'w') as f:
-    f.write(md)
-  print(md)
-  print(f'table7={path}')
+  from dqvq.eval import study_eval  # pylint: disable=g-import-not-at-top
+  study_eval.write_tables(workdir, 'table7', results, markdown(results))
 
 
 if __name__ == '__main__':
