@@ -241,6 +241,25 @@ def _abstract_params(models: stage2.Stage2Models) -> Any:
                         jax.random.key(0)).params
 
 
+def _tokenizer_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The stage-1 run that `config` names, or the one beside a moved run.
+
+  A stage-2 run records its tokenizer's absolute path; after the two runs
+  were moved together (`dqvq.train` writes WORKDIR/stage1 beside
+  WORKDIR/stage2), the sibling `stage1` directory is that tokenizer.
+  """
+  recorded = config.tokenizer.workdir
+  if os.path.isdir(recorded):
+    return recorded
+  sibling = os.path.join(os.path.dirname(os.path.abspath(workdir)), 'stage1')
+  if os.path.isdir(os.path.join(sibling, 'checkpoints')):
+    return sibling
+  raise FileNotFoundError(
+      f'The stage-2 run {workdir} was trained on the tokenizer {recorded}, '
+      f'which does not exist (nor {sibling}); put the stage-1 run back or '
+      'beside it as stage1/.')
+
+
 def load_run(workdir: str | None = None, checkpoint: str | None = None,
              mesh: jax.sharding.Mesh | None = None) -> Generator:
   """The newest (or the named `checkpoint` step) of a stage-2 run."""
@@ -263,7 +282,7 @@ def load_run(workdir: str | None = None, checkpoint: str | None = None,
   config = ml_collections.ConfigDict(ckpt.read_meta(step).get('config') or {})
   if config.get('stage') != 2:
     raise ValueError(f'{workdir} step {step} is not a stage-2 run.')
-  tok = tokenizer_lib.load_stage1(config.tokenizer.workdir, mesh)
+  tok = tokenizer_lib.load_stage1(_tokenizer_workdir(config, workdir), mesh)
   layout = stage2.build_layout(config, tok)
   models = stage2.build_models(config, layout)
   abstract = jax.eval_shape(lambda r: stage2.init_state(models, r),
