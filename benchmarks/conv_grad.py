@@ -1,7 +1,7 @@
 """Forward+backward speed of a 3x3 conv: XLA's jax.grad vs fast_conv's VJP.
 
 On XLA:CPU the weight gradient of a convolution runs far below the forward's
-FLOP rate, which is what `dqvq.models.fast_conv` fixes. This script measures
+FLOP rate, which is what `dqvq.cpu.fast_conv` fixes. This script measures
 both paths side by side in one process, interleaving their repeats so that
 load from other processes hits both alike, and reports the median.
 
@@ -31,8 +31,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from dqvq import cpu_tuning
-from dqvq.models import fast_conv
+from dqvq.cpu import tuning as cpu_tuning
+from dqvq.cpu import fast_conv
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 DN = ('NHWC', 'HWIO', 'NHWC')

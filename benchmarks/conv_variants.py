@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import stage1_profile
-from dqvq.models import fast_conv
+from dqvq.cpu import fast_conv
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 DN = ('NHWC', 'HWIO', 'NHWC')

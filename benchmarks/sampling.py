@@ -29,7 +29,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from dqvq import cpu_tuning  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dqvq.cpu import tuning as cpu_tuning  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dqvq import sampling  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dqvq import sequence  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dqvq.models import transformer as tr_lib  # pylint: disable=g-import-not-at-top,wrong-import-position

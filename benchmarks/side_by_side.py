@@ -8,7 +8,7 @@ inherits the other's threads or memory, and the report gives each round's
 ratio and the ratio of the medians.
 
 Ours restarts itself with glibc's huge-page malloc setting, as every dqvq
-entry point does (dqvq/host_allocator.py); the official runs as its users
+entry point does (dqvq/cpu/host_allocator.py); the official runs as its users
 start it, unless `--official_huge_pages` gives it the same setting.
 """
 
@@ -25,7 +25,7 @@ from typing import Sequence
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from dqvq import host_allocator  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dqvq.cpu import host_allocator  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def add_flags(p: argparse.ArgumentParser, official_script: str) -> None:
@@ -40,7 +40,7 @@ def add_flags(p: argparse.ArgumentParser, official_script: str) -> None:
                  help='timed steps per process (after one warm-up step)')
   p.add_argument('--official_huge_pages', action='store_true',
                  help='also give the official process glibc.malloc.hugetlb=1 '
-                 '(ours restarts itself with it, see dqvq.host_allocator): '
+                 '(ours restarts itself with it, see dqvq.cpu.host_allocator): '
                  'what PyTorch gains from the same allocator setting')
 
 

@@ -15,7 +15,7 @@ Ours is `benchmarks/stage1_step.py` under this interpreter; the official step
 is `benchmarks/official_stage1_step.py` under `--torch_python` (see its
 docstring for what that interpreter needs). Ours restarts itself with glibc's
 huge-page malloc setting, as every dqvq entry point does
-(dqvq/host_allocator.py); the official runs as its users start it, unless
+(dqvq/cpu/host_allocator.py); the official runs as its users start it, unless
 `--official_huge_pages` gives it the same setting. The last line:
   ours_images_per_s=... official_images_per_s=... ratio=...
 """

@@ -43,10 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dqvq import config_lib
-from dqvq import cpu_tuning
-from dqvq import tokenizer as tokenizer_lib
+from dqvq.cpu import tuning as cpu_tuning
+from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq.models import transformer as transformer_lib
-from dqvq.trainers import common
+from dqvq.trainers import optim as common
 from dqvq.trainers import stage2
 from benchmarks import stage2_common
 from benchmarks.stage1_step import peak_memory_mb

@@ -22,14 +22,14 @@ from typing import Any
 
 
 def load_tokenizer(path: str, mesh: Any = None) -> Any:
-  """A `dqvq.tokenizer.Tokenizer` (encode / decode) from a tokenizer bundle."""
-  from dqvq import tokenizer  # pylint: disable=g-import-not-at-top
+  """A `dqvq.inference.tokenizer.Tokenizer` (encode / decode) from a tokenizer bundle."""
+  from dqvq.inference import tokenizer  # pylint: disable=g-import-not-at-top
   return tokenizer.load_bundle(path, mesh)
 
 
 def load_generator(path: str, mesh: Any = None) -> Any:
-  """A `dqvq.generator.Generator` (sample) from a generator bundle."""
-  from dqvq import generator  # pylint: disable=g-import-not-at-top
+  """A `dqvq.inference.generator.Generator` (sample) from a generator bundle."""
+  from dqvq.inference import generator  # pylint: disable=g-import-not-at-top
   return generator.load_bundle(path, mesh)
 
 

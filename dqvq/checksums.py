@@ -110,7 +110,7 @@ def leaf_checksums(tree: PyTree) -> dict[str, str]:
   changed by delta moves the weighted sum by (2i + 1) * delta, never 0 mod
   2**32 as 2i + 1 is odd, so any single changed word (one flipped bit
   included) is always caught; it is a checksum for damage, not a hash for
-  identity (`dqvq.tokenizer.fingerprint` names weights, on one host).
+  identity (`dqvq.inference.tokenizer.fingerprint` names weights, on one host).
 
   The cost is one pass over the state on the host: on CPU the arrays are
   there already; on accelerators it adds a device-to-host copy of each

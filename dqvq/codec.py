@@ -9,8 +9,8 @@ r"""Images to bytes and back, with the DQ-Transformer as the entropy model.
 and crops its centre (the evaluation preprocessing), encodes it with the
 generator's tokenizer (at `--grain_ratios`, coarse to fine, or the trained
 budget), and writes DIR/NAME.dqvq: the coarse-to-fine token streams,
-range-coded with the transformer's probabilities (`dqvq.stream_coder`), in
-the format of `dqvq.codec_format`. `decompress` writes DIR/NAME.png, the
+range-coded with the transformer's probabilities (`dqvq.inference.stream_coder`), in
+the format of `dqvq.inference.codec_format`. `decompress` writes DIR/NAME.png, the
 tokenizer's decode of exactly the tokens that were coded: the image of
 `tok.decode(tok.encode(x))`, up to the decoder's last float bits (which
 differ between any two compiled programs). `compress` prints each file's
@@ -20,7 +20,7 @@ A class-conditional generator codes each image under a class label
 
 Library: `gen = dqvq.load_generator(B)`; `gen.compress(images)` returns one
 bytes object per image, `gen.decompress(files)` the images (float32 in
-[-1, 1], as `gen.sample`), both from `dqvq.image_codec`, whose
+[-1, 1], as `gen.sample`), both from `dqvq.inference.image_codec`, whose
 `measure_bits` gives file sizes beside the model's cross-entropy and the
 fixed-rate count. A damaged, truncated or foreign file, or one from another
 generator, raises `CodecError` (the CLI prints its message alone and exits
@@ -39,10 +39,10 @@ from absl import flags
 import jax
 import numpy as np
 
-from dqvq import codec_format
-from dqvq import cpu_tuning
+from dqvq.inference import codec_format
+from dqvq.cpu import tuning as cpu_tuning
 from dqvq import distributed
-from dqvq import image_codec
+from dqvq.inference import image_codec
 
 USAGE_ERROR = 2
 VERBS = ('compress', 'decompress')
@@ -88,7 +88,7 @@ def run(verb: str, bundle: str, inputs: Sequence[str], out: str,
         grain_ratios: Sequence[float] | None = None,
         class_labels: Sequence[int] = (), batch_size: int = 8) -> list[str]:
   """Compresses or decompresses `inputs` into `out`; returns what it wrote."""
-  from dqvq import generator  # pylint: disable=g-import-not-at-top
+  from dqvq.inference import generator  # pylint: disable=g-import-not-at-top
   from dqvq import visualize  # pylint: disable=g-import-not-at-top
   if verb not in VERBS:
     raise ValueError(f'Unknown verb {verb!r}; choose one of {VERBS}.')

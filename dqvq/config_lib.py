@@ -25,7 +25,7 @@ from dqvq import sequence
 from dqvq import sharding
 from dqvq.models import dqvae
 from dqvq.models import transformer as transformer_lib
-from dqvq.trainers import common
+from dqvq.trainers import optim as common
 
 VARIANTS = {'feature': 'feature_dual', 'dual': 'feature_dual',
             'entropy': 'entropy_dual', 'triple': 'triple', 'vqgan': 'vqgan',
@@ -180,7 +180,7 @@ def stage2_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_classes=0 if opts['uncond'] else 1000,
       label_dropout=0.0,   # > 0: null-class training for CFG sampling
       # Recompute block activations in the backward pass: the paper's 30
-      # sequences per device do not fit otherwise (python -m dqvq.aot).
+      # sequences per device do not fit otherwise (python -m dqvq.tools.aot).
       remat=not opts['runlocal'],
       capacities=ml_collections.config_dict.placeholder(tuple),  # None: full
       # 'slot': a token's absolute position is its slot (each stream starts

@@ -2,7 +2,7 @@
 
 Why: dqvq's LPIPS and users' existing DQ-VAE / DQ-Transformer models exist
 only as PyTorch files. Conversion is a one-off, torch-free step (see
-`dqvq.torch_checkpoint`: no pickled code runs) whose output dqvq loads.
+`dqvq.interop.torch_checkpoint`: no pickled code runs) whose output dqvq loads.
 
 Subcommands (each registers in `_SUBCOMMANDS`):
 
@@ -21,7 +21,7 @@ Subcommands (each registers in `_SUBCOMMANDS`):
 `lpips`: `--vgg16` is torchvision's ImageNet VGG16 state dict (`features.*`
 and `classifier.*`; the classifier is ignored) and `--lin` the LPIPS repo's
 `weights/v0.1/vgg.pth` (`lin{0..4}.model.1.weight`). `official` reads the
-authors' Lightning checkpoints (DQ-VAE or StackGPT, see `dqvq.official`) and
+authors' Lightning checkpoints (DQ-VAE or StackGPT, see `dqvq.interop.official`) and
 writes a bundle for `dqvq.load_tokenizer` / `dqvq.load_generator`. Inputs may
 be PyTorch files (zip or legacy format) or `.npz` archives holding the same
 key names, which is how tests exercise the CLI without torch.
@@ -37,7 +37,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from dqvq import torch_checkpoint
+from dqvq.interop import torch_checkpoint
 
 StateDict = Mapping[str, np.ndarray]
 
@@ -165,8 +165,8 @@ def _bin_range(text: str) -> tuple[float, float]:
 
 def _official_command(args: argparse.Namespace) -> int:
   # pylint: disable=g-import-not-at-top
-  from dqvq import official
-  from dqvq import official_bundle
+  from dqvq.interop import official
+  from dqvq.interop import official_bundle
   # pylint: enable=g-import-not-at-top
   out = os.path.abspath(args.out)
   if os.path.exists(out) and os.listdir(out):
@@ -221,7 +221,7 @@ def _add_official(sub: argparse._SubParsersAction) -> None:
 
 
 def _to_official_command(args: argparse.Namespace) -> int:
-  from dqvq import official_bundle  # pylint: disable=g-import-not-at-top
+  from dqvq.interop import official_bundle  # pylint: disable=g-import-not-at-top
   if not args.out.endswith('.npz'):
     raise ValueError(f'--out {args.out}: write an .npz (torch-free); load '
                      'it in PyTorch with {k: torch.from_numpy(v)}.')

@@ -17,7 +17,7 @@ shard (`dqvq.data.pipeline`), only process 0 writes summaries and pictures,
 and Orbax checkpoints are written and restored by all hosts together.
 
 The process settings of CPU runs (XLA:CPU flags, huge pages) are not made
-here: `dqvq.cpu_tuning.prepare_process` makes them, on CPU runs only, and
+here: `dqvq.cpu.tuning.prepare_process` makes them, on CPU runs only, and
 entry points call it before this.
 """
 

@@ -41,15 +41,15 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from dqvq import bundle as bundle_lib
+from dqvq.inference import bundle as bundle_lib
 from dqvq import checkpoint as ckpt_lib
-from dqvq import cpu_tuning
+from dqvq.cpu import tuning as cpu_tuning
 from dqvq import distributed
 from dqvq import metrics as metrics_lib
 from dqvq import sample
 from dqvq import sampling
 from dqvq import sharding
-from dqvq import tokenizer as tokenizer_lib
+from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq.data import pipeline
 from dqvq.eval import codec_eval
 from dqvq.eval import generator_eval

@@ -1,4 +1,4 @@
-r"""Exports a training run as an inference bundle (see dqvq.bundle).
+r"""Exports a training run as an inference bundle (see dqvq.inference.bundle).
 
   python -m dqvq.export --workdir /runs/stage1 --out /bundles/tokenizer
   python -m dqvq.export --workdir /runs/stage2 --out /bundles/generator \
@@ -12,7 +12,7 @@ the codebook is the EMA one training kept). `--programs` adds serialized
 `jax.export` programs, callable without dqvq's Python model code:
 encode(variables, images) and decode(variables, codes) with a symbolic batch
 size, sample(params, labels, key_data) at `--program_batch` (the sampler's
-buffers have static shapes). Read them with `dqvq.bundle`'s `load_program`.
+buffers have static shapes). Read them with `dqvq.inference.bundle`'s `load_program`.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 
 from dqvq import checkpoint as ckpt_lib
-from dqvq import cpu_tuning
-from dqvq import generator as generator_lib
+from dqvq.cpu import tuning as cpu_tuning
+from dqvq.inference import generator as generator_lib
 from dqvq import sampling
-from dqvq import tokenizer as tokenizer_lib
+from dqvq.inference import tokenizer as tokenizer_lib
 
 PROGRAMS = ('encode', 'decode', 'sample')
 _DIR = 'programs'

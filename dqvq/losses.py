@@ -16,8 +16,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from dqvq.models import fast_conv
-from dqvq.models import grain as grain_lib
+from dqvq.cpu import fast_conv
+from dqvq.models import granularity as grain_lib
 
 Array = jax.Array
 

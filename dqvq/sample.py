@@ -28,9 +28,9 @@ import jax
 import numpy as np
 import tqdm
 
-from dqvq import cpu_tuning
+from dqvq.cpu import tuning as cpu_tuning
 from dqvq import distributed
-from dqvq import generator as generator_lib
+from dqvq.inference import generator as generator_lib
 from dqvq import sampling
 from dqvq import visualize
 

@@ -32,7 +32,7 @@ With 'compact' the absolute position is the token's index in its own
 image's sequence with the pads left out, and each token predicts the next
 non-pad token (after an eos: the next stream's sos). That is exactly what
 the official StackGPT sees for every single image, so converted official
-generators use it (`dqvq.official`), and it never depends on the other
+generators use it (`dqvq.interop.official`), and it never depends on the other
 images in the batch (the official pads the coarse stream to the batch's
 longest, a batch-dependent quirk not copied). Trained from scratch on the
 demo, compact lost a little: stage-2 validation loss 4.798 against 4.773

@@ -42,7 +42,7 @@ from absl import flags
 from absl import logging
 
 from dqvq import config_lib
-from dqvq import cpu_tuning  # defines --cpu_tuning
+from dqvq.cpu import tuning as cpu_tuning  # defines --cpu_tuning
 
 
 FLAGS = flags.FLAGS
@@ -158,7 +158,7 @@ def main(argv: Sequence[str]) -> None:
   workdir = os.path.abspath(FLAGS.workdir)
   os.makedirs(workdir, exist_ok=True)
   if FLAGS.run:
-    from dqvq import tokenizer  # pylint: disable=g-import-not-at-top
+    from dqvq.inference import tokenizer  # pylint: disable=g-import-not-at-top
     tok = tokenizer.load_stage1(FLAGS.run)
     results = study_eval.run_one(tok.config, tok, budgets=BUDGETS,
                                  seeds=FLAGS.random_seeds)

@@ -25,8 +25,8 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from dqvq import cpu_tuning
-from dqvq import tokenizer as tokenizer_lib
+from dqvq.cpu import tuning as cpu_tuning
+from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq.data import tokens as tokens_lib
 
 
@@ -50,7 +50,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help='Validation images re-encoded to check the tokens.')
   p.add_argument('--nocpu_tuning', dest='cpu_tuning', action='store_false',
                  help='On CPU: no huge-page restart, XLA:CPU defaults '
-                 '(dqvq.cpu_tuning).')
+                 '(dqvq.cpu.tuning).')
   args = p.parse_args(argv)
   args.splits = [s.strip() for s in args.splits.split(',') if s.strip()]
   if not args.splits:

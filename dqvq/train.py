@@ -33,7 +33,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from dqvq import cpu_tuning
+from dqvq.cpu import tuning as cpu_tuning
 from dqvq import distributed
 
 _CONFIG = config_flags.DEFINE_config_file(

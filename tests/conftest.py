@@ -6,7 +6,7 @@ conftest.py, which pytest imports first.
 
 import os
 
-from dqvq import host_allocator  # no jax: safe before XLA_FLAGS is set
+from dqvq.cpu import host_allocator  # no jax: safe before XLA_FLAGS is set
 
 # The suite compiles hundreds of toy programs whose run time is negligible:
 # LLVM's optimisation passes are most of a compile, so the tests (and the
@@ -25,7 +25,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 # Entry points called in-process (`tokenize.main(argv)`) would replace the
-# pytest worker by a restarted one with huge pages (dqvq.host_allocator),
+# pytest worker by a restarted one with huge pages (dqvq.cpu.host_allocator),
 # which xdist sees as a crashed worker. Naming the tunable tells
 # prepare_process the process already has it; the `python -m dqvq.*`
 # processes the tests start inherit it and get huge pages from the start,
@@ -37,7 +37,7 @@ if _tunables:
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from dqvq import cpu_tuning  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dqvq.cpu import tuning as cpu_tuning  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # XLA:CPU's library choice as every dqvq entry point makes it on CPU, so that tests
 # compare in-process results with `python -m dqvq.train` processes like for

@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from conftest import load_config
-from dqvq import aot
+from dqvq.tools import aot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +32,7 @@ def test_cli_and_memory_limit():
   transformer: the stage-1 step's compile is minutes in a cold process)."""
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)
-  cmd = [sys.executable, '-m', 'dqvq.aot', '--config',
+  cmd = [sys.executable, '-m', 'dqvq.tools.aot', '--config',
          'configs/imagenet_stage2.py:runlocal', '--devices', '4', '--fsdp', '2']
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)

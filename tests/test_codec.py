@@ -19,15 +19,15 @@ import pytest
 import conftest
 import dqvq
 from dqvq import codec
-from dqvq import image_codec
-from dqvq import codec_format
-from dqvq import generator as generator_lib
+from dqvq.inference import image_codec
+from dqvq.inference import codec_format
+from dqvq.inference import generator as generator_lib
 from dqvq import sequence
 from dqvq import sharding
-from dqvq import stream_coder
-from dqvq import tokenizer as tokenizer_lib
+from dqvq.inference import stream_coder
+from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq import visualize
-from dqvq.trainers import common
+from dqvq.trainers import optim as common
 from dqvq.trainers import stage2
 import test_train
 

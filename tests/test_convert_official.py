@@ -1,4 +1,4 @@
-"""Importing the authors' PyTorch checkpoints (dqvq.official, convert official).
+"""Importing the authors' PyTorch checkpoints (dqvq.interop.official, convert official).
 
 No torch here: official state dicts are numpy dicts whose names and shapes
 come from the reference dump (/work/shared/reference/official-state-dict.json,
@@ -21,10 +21,10 @@ import pytest
 import dqvq
 from dqvq import config_lib
 from dqvq import convert
-from dqvq import generator as generator_lib
-from dqvq import official
-from dqvq import official_bundle
-from dqvq import tokenizer as tokenizer_lib
+from dqvq.inference import generator as generator_lib
+from dqvq.interop import official
+from dqvq.interop import official_bundle
+from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq.models import dqvae
 from dqvq.trainers import stage2
 

@@ -1,4 +1,4 @@
-"""The one CPU switch (dqvq.cpu_tuning): what a CPU run sets, and that an
+"""The one CPU switch (dqvq.cpu.tuning): what a CPU run sets, and that an
 accelerator run, or --nocpu_tuning, sets none of it.
 
 Each case runs in a fresh interpreter: XLA reads XLA_FLAGS once, when jax
@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from dqvq import cpu_tuning
-from dqvq import host_allocator
+from dqvq.cpu import tuning as cpu_tuning
+from dqvq.cpu import host_allocator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PROBE = r'''
 import os
 import jax, jax.numpy as jnp
-from dqvq import cpu_tuning
+from dqvq.cpu import tuning as cpu_tuning
 applied = cpu_tuning.apply_xla_cpu_flags()
 x = jnp.ones((1, 32, 32, 32)); w = jnp.ones((3, 3, 32, 32))
 conv = lambda x: jax.lax.conv_general_dilated(
@@ -81,7 +81,7 @@ import os, sys
 print('start', os.getpid(), flush=True)
 from absl import flags, logging
 from jax._src import xla_bridge
-from dqvq import cpu_tuning
+from dqvq.cpu import tuning as cpu_tuning
 flags.FLAGS(['prog', *sys.argv[1:]])
 logging.set_verbosity('info')
 tuned = cpu_tuning.prepare_process()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dqvq.models import dqvae
-from dqvq.models import grain as grain_lib
+from dqvq.models import granularity as grain_lib
 from dqvq.models import layers
 
 RNGS = {'params': jax.random.key(0), 'gumbel': jax.random.key(1),

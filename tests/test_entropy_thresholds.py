@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from dqvq import entropy_thresholds as cli
+from dqvq.tools import entropy_thresholds as cli
 from dqvq.models import entropy as E
 
 
@@ -106,7 +106,7 @@ from dqvq import distributed
 address, index, data_dir, workdir = sys.argv[1:]
 distributed.initialize(address, 2, int(index))
 import ml_collections
-from dqvq import entropy_thresholds
+from dqvq.tools import entropy_thresholds
 from dqvq.trainers import stage1
 scans = []
 scan = entropy_thresholds.main

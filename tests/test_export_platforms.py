@@ -3,7 +3,7 @@
 `jax.export` with platforms=('cuda', 'tpu') lowers a program for those
 platforms without their hardware, so a program that could not run on a pod
 (a CPU-only primitive, a shape or sharding that only lowers on CPU) fails
-here, in CI. The CPU-only code of dqvq (`dqvq.models.fast_conv`) names its
+here, in CI. The CPU-only code of dqvq (`dqvq.cpu.fast_conv`) names its
 ops with the scope `fast_conv.SCOPE`, which the exported module keeps in its
 op locations: an accelerator's program must hold none of it, while the same
 program built for a CPU run does (so the check can fail).
@@ -14,12 +14,12 @@ import types
 import jax
 import pytest
 
-from dqvq import aot
-from dqvq import bundle
-from dqvq import cpu_tuning
+from dqvq.tools import aot
+from dqvq.inference import bundle
+from dqvq.cpu import tuning as cpu_tuning
 from dqvq import export
 from dqvq import sharding
-from dqvq.models import fast_conv
+from dqvq.cpu import fast_conv
 
 from conftest import load_config  # pylint: disable=g-bad-import-order
 

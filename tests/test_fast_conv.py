@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dqvq.models import fast_conv
+from dqvq.cpu import fast_conv
 
 DN = ('NHWC', 'HWIO', 'NHWC')
 

@@ -1,5 +1,5 @@
-"""The huge-page restart of CPU runs (dqvq.host_allocator, through
-dqvq.cpu_tuning)."""
+"""The huge-page restart of CPU runs (dqvq.cpu.host_allocator, through
+dqvq.cpu.tuning)."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dqvq import host_allocator
+from dqvq.cpu import host_allocator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ON = f'{host_allocator.TUNABLE}=1'
@@ -57,7 +57,7 @@ def test_restart_tunables(env, mode, glibc, force, restarts):
 def test_reexec_restarts_once_with_the_same_pid_and_arguments():
   script = ('import os, sys\n'
             'print("start", os.getpid(), flush=True)\n'
-            'from dqvq import host_allocator\n'
+            'from dqvq.cpu import host_allocator\n'
             'tunables = host_allocator.restart_tunables(force=True)\n'
             'if tunables: host_allocator.restart_with(tunables)\n'
             'print("after", os.getpid(), os.environ["GLIBC_TUNABLES"], '

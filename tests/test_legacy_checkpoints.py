@@ -16,8 +16,8 @@ import shutil
 import numpy as np
 import pytest
 
-from dqvq import generator
-from dqvq import tokenizer
+from dqvq.inference import generator
+from dqvq.inference import tokenizer
 from dqvq import token_choice
 
 LEGACY = os.path.join(os.path.dirname(__file__), 'data', 'legacy_runs')

@@ -21,7 +21,7 @@ import pytest
 import dqvq
 from dqvq import export
 from dqvq import sampling
-from dqvq import tokenizer as tokenizer_lib
+from dqvq.inference import tokenizer as tokenizer_lib
 
 
 @pytest.fixture(scope='module')

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import cached_logits
 import dqvq
-from dqvq import official_bundle
+from dqvq.interop import official_bundle
 from dqvq import sequence
 
 REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data',

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from dqvq import config_lib
-from dqvq import tokenizer as tokenizer_lib
+from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq.models import dqvae
 from dqvq.models import fsq
 from dqvq.models import quantizer as q_lib
-from dqvq.trainers import common
+from dqvq.trainers import optim as common
 from dqvq.trainers import stage1
 
 RNGS = {'params': jax.random.key(0), 'gumbel': jax.random.key(1),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dqvq.models import entropy as entropy_lib
-from dqvq.models import grain as grain_lib
+from dqvq.models import granularity as grain_lib
 from dqvq.models import layers
 from dqvq.models import router as router_lib
 

@@ -14,9 +14,9 @@ from conftest import load_config
 from dqvq import config_lib
 from dqvq import sequence
 from dqvq import sharding
-from dqvq import tokenizer as tokenizer_lib
+from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq import train
-from dqvq.trainers import common
+from dqvq.trainers import optim as common
 from dqvq.trainers import loop
 from dqvq.trainers import stage2
 

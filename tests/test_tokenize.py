@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dqvq import tokenizer as tokenizer_lib
+from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq.data import pipeline
 from dqvq.data import sources as sources_lib
 from dqvq.data import token_pipeline

@@ -1,4 +1,4 @@
-"""Tests for dqvq.torch_checkpoint, the torch-free .pth reader.
+"""Tests for dqvq.interop.torch_checkpoint, the torch-free .pth reader.
 
 The fixtures in tests/data were written by real torch (see
 tests/data/make_torch_fixtures.py), so these tests check the reader against
@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from dqvq import torch_checkpoint
+from dqvq.interop import torch_checkpoint
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 FORMATS = ('tiny_zip.pth', 'tiny_legacy.pth')

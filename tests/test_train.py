@@ -278,7 +278,7 @@ def test_config_arguments_select_models():
 
 def test_learning_rate_schedule_official():
   c = load_config('imagenet_stage1', '')
-  from dqvq.trainers import common  # pylint: disable=g-import-not-at-top
+  from dqvq.trainers import optim as common  # pylint: disable=g-import-not-at-top
   sched = common.learning_rate_schedule(c)
   peak = 4.5e-6 * 240
   np.testing.assert_allclose(sched(0), 0.0)
@@ -292,7 +292,7 @@ def test_learning_rate_schedule_official():
 def cli_env() -> dict[str, str]:
   """The environment of a `python -m dqvq.train` test subprocess: one CPU
   device (a toy step runs faster than on eight fake ones), no huge-page
-  restart (a hugetlb tunable of the user's own wins, dqvq.cpu_tuning), and
+  restart (a hugetlb tunable of the user's own wins, dqvq.cpu.tuning), and
   this suite's persistent compilation cache, every program in
   it, so that warm runs skip compiling."""
   # pylint: disable-next=g-import-not-at-top

@@ -45,7 +45,7 @@ from dqvq.data import pipeline
 from dqvq.data import sources as sources_lib
 from dqvq.data import tfds_compat
 from dqvq.data import transforms
-from dqvq.models import grain as grain_lib
+from dqvq.models import granularity as grain_lib
 
 METADATA_FILE = 'dqvq_tokens.json'
 TFDS_NAME = 'dqvq_tokens'

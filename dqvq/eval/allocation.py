@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from dqvq.models import entropy as entropy_lib
-from dqvq.models import grain as grain_lib
+from dqvq.models import granularity as grain_lib
 
 Array = jax.Array
 

@@ -1,7 +1,7 @@
 """The generator as an image codec, measured on held-out images.
 
 `dqvq.evaluate` codes the first held-out images into .dqvq files with the
-DQ-Transformer as entropy model (`dqvq.image_codec`) and puts the measured
+DQ-Transformer as entropy model (`dqvq.inference.image_codec`) and puts the measured
 file size beside the fixed-rate count (codes x log2 V + regions x log2 K)
 and the model's cross-entropy, which the payload should match within 1%;
 every file must decode to exactly the tokens it coded.
@@ -15,8 +15,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from dqvq import generator as generator_lib
-from dqvq import image_codec
+from dqvq.inference import generator as generator_lib
+from dqvq.inference import image_codec
 
 
 @dataclasses.dataclass

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from dqvq.models import grain as grain_lib
+from dqvq.models import granularity as grain_lib
 from dqvq.models import quantizer
 
 Array = jax.Array

@@ -40,10 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats as scipy_stats
 
-from dqvq import generator as generator_lib
+from dqvq.inference import generator as generator_lib
 from dqvq import sampling
 from dqvq import sharding
-from dqvq import tokenizer as tokenizer_lib
+from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq.eval import coding as coding_lib
 from dqvq.eval import fid as fid_lib
 from dqvq.models import inception as inception_lib

@@ -25,7 +25,7 @@ from dqvq.data import pipeline
 from dqvq.eval import allocation
 from dqvq.eval import coding
 from dqvq.models import router as router_lib
-from dqvq.trainers import common
+from dqvq.trainers import optim as common
 
 Array = jax.Array
 

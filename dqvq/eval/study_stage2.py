@@ -38,7 +38,7 @@ import numpy as np
 
 from dqvq import checkpoint as ckpt_lib
 from dqvq import config_lib
-from dqvq import cpu_tuning  # defines --cpu_tuning
+from dqvq.cpu import tuning as cpu_tuning  # defines --cpu_tuning
 from dqvq.models import transformer as transformer_lib
 
 FLAGS = flags.FLAGS

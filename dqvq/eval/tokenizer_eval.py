@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 
 from dqvq import sharding
-from dqvq import tokenizer as tokenizer_lib
+from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq.data import sources as sources_lib
 from dqvq.eval import coding as coding_lib
 from dqvq.eval import fid as fid_lib

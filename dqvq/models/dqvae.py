@@ -26,7 +26,7 @@ from dqvq.models import decoder as decoder_lib
 from dqvq.models import encoder as encoder_lib
 from dqvq.models import entropy as entropy_lib
 from dqvq.models import fsq as fsq_lib
-from dqvq.models import grain as grain_lib
+from dqvq.models import granularity as grain_lib
 from dqvq.models import layers
 from dqvq.models import quantizer as quantizer_lib
 from dqvq.models import router as router_lib
@@ -133,7 +133,7 @@ class DQVAE(nn.Module):
   entropy_sigma: float = 0.01
   dtype: Any = None
   # XLA:CPU's fast convolution gradients (layers.Conv). Not a config field:
-  # the trainer sets it from the mesh's platform (dqvq.cpu_tuning), so an
+  # the trainer sets it from the mesh's platform (dqvq.cpu.tuning), so an
   # accelerator run or export never traces the CPU code.
   cpu_kernels: bool = False
 

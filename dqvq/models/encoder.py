@@ -21,7 +21,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
-from dqvq.models import grain as grain_lib
+from dqvq.models import granularity as grain_lib
 from dqvq.models import layers
 
 Array = jax.Array

@@ -38,7 +38,7 @@ Bin range history: the official JSONs for ImageNet and FFHQ were made with
 bins linspace(0, 1) on [-1, 1] images (about 20-25% of regions sit at the
 floor); the code switched to linspace(-1, 1) later. Use (0, 1) with the
 official JSONs and the released checkpoint, (-1, 1) with tables made by
-`dqvq.entropy_thresholds` with that range (the table metadata records it).
+`dqvq.tools.entropy_thresholds` with that range (the table metadata records it).
 """
 
 from __future__ import annotations

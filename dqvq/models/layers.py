@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dqvq.models import fast_conv
+from dqvq.cpu import fast_conv
 
 Array = jax.Array
 Dtype = Any

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from dqvq.models import entropy as entropy_lib
-from dqvq.models import grain as grain_lib
+from dqvq.models import granularity as grain_lib
 from dqvq.models import layers
 
 Array = jax.Array
@@ -210,7 +210,7 @@ def _load_table(path: str) -> dict[str, float]:
   if not os.path.exists(path):
     raise FileNotFoundError(
         f'entropy_thresholds file {path!r} does not exist. Make one from your '
-        'training data with `python -m dqvq.entropy_thresholds --dataset NAME '
+        'training data with `python -m dqvq.tools.entropy_thresholds --dataset NAME '
         '--data_dir DIR --out thresholds.json`, or set entropy_thresholds=None '
         'to route each image by quota.')
   table, _ = entropy_lib.load_thresholds(path)
@@ -223,7 +223,7 @@ class EntropyRouter(nn.Module):
   Attributes:
     grain_factors: coarse to fine; a region is grain_factors[0] pixels wide.
     grain_ratios: target share per grain, coarse to fine.
-    thresholds: a JSON table from `python -m dqvq.entropy_thresholds` (or an
+    thresholds: a JSON table from `python -m dqvq.tools.entropy_thresholds` (or an
       official one), or a tuple of the 99 percentile values, or None to route
       by per-image quota (exactly round(r * regions) regions per grain).
     bin_range: entropy histogram range; (0, 1) reproduces the released

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dqvq import sequence
-from dqvq.models import grain as grain_lib
+from dqvq.models import granularity as grain_lib
 
 Array = jax.Array
 
@@ -207,7 +207,7 @@ class DQTransformer(nn.Module):
     dtype: compute dtype (params stay float32).
     remat: recompute each block's activations in the backward pass instead
       of storing them (`nn.remat`): the paper-size models at the official
-      per-device batch need it to fit (see `python -m dqvq.aot`).
+      per-device batch need it to fit (see `python -m dqvq.tools.aot`).
     content_sharing: 'shared' (paper) or 'non_shared' content tables
       across granularities (paper Table 7; see the module docstring).
     position_sharing: 'non_shared' (paper) or 'shared' position tables.

@@ -39,7 +39,7 @@ from dqvq import metrics as metrics_lib
 from dqvq import sharding
 from dqvq import visualize
 from dqvq.data import pipeline
-from dqvq.trainers import common
+from dqvq.trainers import optim as common
 from dqvq.trainers import stage1
 
 
@@ -143,7 +143,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> Any:
   shardings = task.state_shardings(abstract)
   logging.info(
       'State: %.3f GiB per device (params and optimizer, mesh %s), before '
-      'activations; `python -m dqvq.aot` checks a topology ahead of time.',
+      'activations; `python -m dqvq.tools.aot` checks a topology ahead of time.',
       sharding.bytes_per_device(abstract, shardings) / 2**30,
       dict(mesh.shape))
   train_iter = iter(task.datasets.train)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from dqvq import cpu_tuning
+from dqvq.cpu import tuning as cpu_tuning
 from dqvq import losses
 from dqvq import sharding
 from dqvq import visualize
@@ -33,7 +33,7 @@ from dqvq.models import discriminator as disc_lib
 from dqvq.models import dqvae
 from dqvq.models import perceptual
 from dqvq.models import quantizer
-from dqvq.trainers import common
+from dqvq.trainers import optim as common
 
 Array = jax.Array
 
@@ -77,7 +77,7 @@ def uses_lpips(config: ml_collections.ConfigDict) -> bool:
 
 def build_models(config: ml_collections.ConfigDict,
                  cpu_kernels: bool = False) -> Stage1Models:
-  """The step's modules; `cpu_kernels` from the mesh (dqvq.cpu_tuning)."""
+  """The step's modules; `cpu_kernels` from the mesh (dqvq.cpu.tuning)."""
   dtype = common.compute_dtype(config)
   vae = common.build_dqvae(config.model, dtype, cpu_kernels=cpu_kernels)
   schedule = common.learning_rate_schedule(config)
@@ -291,7 +291,7 @@ def resolve_entropy_thresholds(config: ml_collections.ConfigDict,
                                workdir: str) -> None:
   """`model.entropy_thresholds='auto'`: a percentile table of the train split.
 
-  Computed once with the same tool as `python -m dqvq.entropy_thresholds`
+  Computed once with the same tool as `python -m dqvq.tools.entropy_thresholds`
   (eval preprocessing at the training resolution) and kept in the workdir, so
   a resumed run routes exactly as before. In a multi-host run process 0 scans
   the split and the other hosts read its file (`write_once`).
@@ -299,7 +299,7 @@ def resolve_entropy_thresholds(config: ml_collections.ConfigDict,
   m = config.model
   if m.router != 'entropy' or m.get('entropy_thresholds') != 'auto':
     return
-  from dqvq import entropy_thresholds  # pylint: disable=g-import-not-at-top
+  from dqvq.tools import entropy_thresholds  # pylint: disable=g-import-not-at-top
   default = dqvae.DQVAE.__dataclass_fields__
   field = lambda k: m.get(k, default[k].default)
   lo, hi = field('entropy_bin_range')

@@ -28,10 +28,10 @@ import optax
 from dqvq import losses
 from dqvq import sequence
 from dqvq import sharding
-from dqvq import tokenizer as tokenizer_lib
+from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq import visualize
 from dqvq.models import transformer as transformer_lib
-from dqvq.trainers import common
+from dqvq.trainers import optim as common
 
 Array = jax.Array
 

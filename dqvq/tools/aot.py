@@ -1,8 +1,8 @@
 r"""Ahead-of-time check: does a config's train step compile and fit a topology?
 
-  python -m dqvq.aot --config configs/imagenet_stage2.py:large \
+  python -m dqvq.tools.aot --config configs/imagenet_stage2.py:large \
       --devices 64 --fsdp 16 --device_memory_gb 16
-  python -m dqvq.aot --config configs/imagenet_stage1.py --topology v5e:4x4
+  python -m dqvq.tools.aot --config configs/imagenet_stage1.py --topology v5e:4x4
 
 Compiles the config's real train step (generator and discriminator updates
 for stage 1, the DQ-Transformer update for stage 2) for a mesh of the given
@@ -137,8 +137,8 @@ def check(config: Any, devices: Sequence[Any], *, data: int = -1,
   import jax
   from dqvq import config_lib
   from dqvq import sharding
-  from dqvq import cpu_tuning
-  from dqvq.models import fast_conv
+  from dqvq.cpu import tuning as cpu_tuning
+  from dqvq.cpu import fast_conv
   # pylint: enable=g-import-not-at-top
   config_lib.validate_config(config, num_devices=len(devices),
                               tokenizer_ready=config.stage == 1)
@@ -191,7 +191,7 @@ def _devices() -> list[Any]:
     return list(topo.devices)
   if jax.device_count() != FLAGS.devices:
     raise app.UsageError(
-        f'jax already has {jax.device_count()} devices; run dqvq.aot as its '
+        f'jax already has {jax.device_count()} devices; run dqvq.tools.aot as its '
         'own process so --devices can set the fake CPU device count.')
   return jax.devices()
 

@@ -46,10 +46,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dqvq import codec_format
+from dqvq.inference import codec_format
 from dqvq import sampling
 from dqvq import sequence
-from dqvq import tokenizer as tokenizer_lib
+from dqvq.inference import tokenizer as tokenizer_lib
 
 # Frequencies sum to 2**PRECISION: the range coder's own model precision.
 PRECISION = 24

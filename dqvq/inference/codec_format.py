@@ -23,7 +23,7 @@ The header is 26 bytes (28 with a class label). The checksum covers the
 payload, so any flipped bit is caught (even one in the tail that the range
 decoder would not notice), and what the decoder reconstructs, so it also
 catches a decoder that diverges from the encoder (another platform's
-floating point, see `dqvq.stream_coder`). Every way a file can be
+floating point, see `dqvq.inference.stream_coder`). Every way a file can be
 unreadable raises `CodecError` (a ValueError) naming what is wrong.
 """
 

@@ -22,12 +22,12 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from dqvq import bundle as bundle_lib
+from dqvq.inference import bundle as bundle_lib
 from dqvq import checkpoint as ckpt_lib
 from dqvq import sampling
 from dqvq import sequence
 from dqvq import sharding
-from dqvq import tokenizer as tokenizer_lib
+from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq.trainers import stage2
 
 
@@ -54,7 +54,7 @@ class Generator:
   """DQ-Transformer + tokenizer; `sample` returns images and their tokens.
 
   `sample_batches` yields the same batch by batch, left on the devices;
-  `compress` / `decompress` use the model as an image codec (`dqvq.image_codec`).
+  `compress` / `decompress` use the model as an image codec (`dqvq.inference.image_codec`).
   """
   model: Any
   params: Any
@@ -196,14 +196,14 @@ class Generator:
   def compress(self, images: Any, *, class_labels: Sequence[int] = (),
                grain_ratios: Sequence[float] | None = None) -> list[bytes]:
     """One .dqvq file (bytes) per image, coded with this model's
-    probabilities; see `dqvq.image_codec.compress`."""
-    from dqvq import image_codec  # pylint: disable=g-import-not-at-top
+    probabilities; see `dqvq.inference.image_codec.compress`."""
+    from dqvq.inference import image_codec  # pylint: disable=g-import-not-at-top
     return image_codec.compress(self, images, class_labels, grain_ratios)
 
   def decompress(self, files: Sequence[bytes]) -> np.ndarray:
     """.dqvq files -> (N, H, W, 3) float32 images in [-1, 1], like
-    `sample`'s 'image'; see `dqvq.image_codec.decompress`."""
-    from dqvq import image_codec  # pylint: disable=g-import-not-at-top
+    `sample`'s 'image'; see `dqvq.inference.image_codec.decompress`."""
+    from dqvq.inference import image_codec  # pylint: disable=g-import-not-at-top
     return image_codec.decompress(self, files)
 
 

@@ -20,11 +20,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dqvq import bundle as bundle_lib
+from dqvq.inference import bundle as bundle_lib
 from dqvq import checkpoint as ckpt_lib
-from dqvq import cpu_tuning
+from dqvq.cpu import tuning as cpu_tuning
 from dqvq import sharding
-from dqvq.trainers import common
+from dqvq.trainers import optim as common
 from dqvq.trainers import stage1
 
 Array = jax.Array
@@ -206,7 +206,7 @@ def abstract_variables(config: ml_collections.ConfigDict) -> Any:
 
 def _inference_vae(config: ml_collections.ConfigDict,
                    mesh: jax.sharding.Mesh | None) -> Any:
-  """The DQ-VAE for the devices it will run on (`dqvq.cpu_tuning`)."""
+  """The DQ-VAE for the devices it will run on (`dqvq.cpu.tuning`)."""
   devices = mesh.devices.flat if mesh is not None else jax.devices()
   return common.build_dqvae(config.model,
                             cpu_kernels=cpu_tuning.cpu_kernels(devices))
@@ -226,7 +226,7 @@ def for_platforms(tok: Tokenizer, platforms: Sequence[str] | None
 
 def save_bundle(tok: Tokenizer, path: str,
                 meta: dict[str, Any] | None = None) -> str:
-  """Writes `tok` as a 'tokenizer' bundle (see dqvq.bundle)."""
+  """Writes `tok` as a 'tokenizer' bundle (see dqvq.inference.bundle)."""
   meta = {'step': tok.step, 'fingerprint': tok.fingerprint,
           'source': tok.workdir, **(meta or {})}
   return bundle_lib.save(path, kind='tokenizer', config=tok.config,

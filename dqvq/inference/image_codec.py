@@ -3,8 +3,8 @@
 What `Generator.compress` / `Generator.decompress` and the
 `python -m dqvq.codec` verb call. Each image is encoded by the generator's
 tokenizer into coarse-to-fine token streams (`dqvq.sequence`), which are
-range-coded with the transformer's own probabilities (`dqvq.stream_coder`)
-inside the `dqvq.codec_format` container. Decoding replays the same compiled
+range-coded with the transformer's own probabilities (`dqvq.inference.stream_coder`)
+inside the `dqvq.inference.codec_format` container. Decoding replays the same compiled
 KV-cached steps with the decoded tokens, so it gives back exactly the coded
 tokens, and the image is the tokenizer's decode of them. `measure_bits` puts
 the file sizes beside the model's cross-entropy and the fixed-rate count. A
@@ -20,10 +20,10 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from dqvq import codec_format
+from dqvq.inference import codec_format
 from dqvq import sequence
-from dqvq import stream_coder
-from dqvq import tokenizer as tokenizer_lib
+from dqvq.inference import stream_coder
+from dqvq.inference import tokenizer as tokenizer_lib
 
 CodecError = codec_format.CodecError
 

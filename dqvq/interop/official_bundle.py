@@ -1,6 +1,6 @@
 """Official checkpoints <-> dqvq bundles (the `python -m dqvq.convert official` work).
 
-`dqvq.official` knows the names, shapes and configs; this module turns a
+`dqvq.interop.official` knows the names, shapes and configs; this module turns a
 state dict into a loadable tokenizer or generator bundle and a bundle back
 into a state dict, recording in the bundle's meta what the conversion
 changed or dropped.
@@ -12,12 +12,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from dqvq import bundle as bundle_lib
-from dqvq import generator as generator_lib
-from dqvq import official
+from dqvq.inference import bundle as bundle_lib
+from dqvq.inference import generator as generator_lib
+from dqvq.interop import official
 from dqvq import sharding
-from dqvq import tokenizer as tokenizer_lib
-from dqvq.trainers import common
+from dqvq.inference import tokenizer as tokenizer_lib
+from dqvq.trainers import optim as common
 from dqvq.trainers import stage2
 
 

@@ -20,7 +20,7 @@ glibc reads its tunables once, when the process starts, so the only way for
 a program to get them is to start again: `restart_with` replaces the
 current process (same PID, same arguments, same interpreter) by one with
 `glibc.malloc.hugetlb=1` appended to GLIBC_TUNABLES. Only CPU runs do this,
-through `dqvq.cpu_tuning.prepare_process` (which logs it and which
+through `dqvq.cpu.tuning.prepare_process` (which logs it and which
 `--nocpu_tuning` turns off); libraries that import dqvq are never
 restarted. `restart_tunables` says when it would not help (not glibc,
 transparent huge pages off or always on) or when GLIBC_TUNABLES already
@@ -99,7 +99,7 @@ def restart_with(tunables: str) -> None:
   """Replaces this process by itself with GLIBC_TUNABLES=`tunables`.
 
   Everything the process did before is done again by the new one, so call
-  it first (`dqvq.cpu_tuning.prepare_process`). The restarted process's
+  it first (`dqvq.cpu.tuning.prepare_process`). The restarted process's
   GLIBC_TUNABLES names the tunable, so it does not restart again.
   """
   sys.stdout.flush()

@@ -5,7 +5,7 @@ percentile of region entropies over the training data. The official JSONs were
 computed with bins [0, 1]; to route with another bin range (the official HEAD
 uses [-1, 1]), another resolution or another dataset, recompute the table:
 
-  python -m dqvq.entropy_thresholds --data_dir DIR --dataset imagenet2012 \
+  python -m dqvq.tools.entropy_thresholds --data_dir DIR --dataset imagenet2012 \
       --split train --resolution 256 --region_size 16 --bin_range=-1,1 \
       --num_images 100000 --out thresholds.json
 

@@ -9,7 +9,7 @@ them may reach one:
 * XLA:CPU's library choice for convolutions, dots and reductions, an
   XLA_FLAGS entry read when jax creates its backends (`XLA_CPU_FLAG`);
 * the convolution gradients of the DQ-VAE, its discriminator and LPIPS as
-  matmuls (`dqvq.models.fast_conv`), carried by every conv layer as the
+  matmuls (`dqvq.cpu.fast_conv`), carried by every conv layer as the
   model field `cpu_kernels`.
 
 The first two are process settings, decided once by `prepare_process()`,
@@ -18,7 +18,7 @@ before anything touches a device). A process is a CPU run when JAX_PLATFORMS
 puts cpu first, or when no accelerator plugin for jax is installed; jax's
 backends are not created to find out (they would read XLA_FLAGS too early).
 The third is decided from the devices a model runs on (`cpu_kernels(mesh)`),
-so `python -m dqvq.aot --topology` on a CPU host compiles, and an export
+so `python -m dqvq.tools.aot --topology` on a CPU host compiles, and an export
 for cuda/tpu holds, the accelerator's program. `--nocpu_tuning` turns all
 three off; every decision is logged.
 """
@@ -37,12 +37,12 @@ from absl import logging
 import jax
 from jax._src import xla_bridge  # pylint: disable=g-direct-tensorflow-import
 
-from dqvq import host_allocator
+from dqvq.cpu import host_allocator
 
 _CPU_TUNING = flags.DEFINE_bool(
     'cpu_tuning', True,
     'On CPU runs: restart with glibc huge pages, set the XLA:CPU library '
-    'choice and use the matmul convolution gradients (dqvq.cpu_tuning). '
+    'choice and use the matmul convolution gradients (dqvq.cpu.tuning). '
     'Accelerator runs never use them; --nocpu_tuning turns them off on CPU '
     'too (to rule them out when debugging).')
 
@@ -113,7 +113,7 @@ def apply_xla_cpu_flags() -> bool:
   if xla_bridge.backends_are_initialized():
     logging.warning(
         'jax backends were created before dqvq could set %s=%s; XLA:CPU '
-        'keeps its defaults (slower convolutions). Call dqvq.cpu_tuning.'
+        'keeps its defaults (slower convolutions). Call dqvq.cpu.tuning.'
         'prepare_process() before the first jax computation, or set the flag '
         'in XLA_FLAGS.', YNN_FUSION_FLAG, CPU_YNN_FUSIONS)
     return False

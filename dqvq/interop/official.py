@@ -35,7 +35,7 @@ THRESHOLDS_HINT = (
     "The entropy router's thresholds are not in the checkpoint: pass "
     "--entropy_thresholds FILE, the official repo's scripts/tools/thresholds/"
     'entropy_thresholds_imagenet_train_patch-16.json (the released DQ-VAE), or '
-    'a table from `python -m dqvq.entropy_thresholds`.')
+    'a table from `python -m dqvq.tools.entropy_thresholds`.')
 NOTES = {'dqvae': [
     'the codebook padding row (quantize.codebook.weight[K], never used) is '
     'dropped', 'loss.* (LPIPS, discriminator) is training-only: not imported'],

@@ -24,7 +24,7 @@ tensor), see benchmarks/conv_grad.py.
 
 This is CPU-only code. Nothing here decides when it runs: the model layers
 carry a `cpu_kernels` field, set once from the mesh's platform
-(`dqvq.cpu_tuning.cpu_kernels`), and only call into this module when it is
+(`dqvq.cpu.tuning.cpu_kernels`), and only call into this module when it is
 True. Accelerators keep XLA's own gradient: cuDNN and TPU convolutions
 compute weight gradients natively and fast, and a program traced or
 exported for them never contains these matmuls.

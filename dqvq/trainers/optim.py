@@ -38,7 +38,7 @@ def build_dqvae(model_config: ml_collections.ConfigDict,
                 dtype: Any = None, cpu_kernels: bool = False) -> dqvae.DQVAE:
   """DQVAE from `config.model`, with a clear error for unknown fields.
 
-  `cpu_kernels` is the run's platform decision (dqvq.cpu_tuning), not a
+  `cpu_kernels` is the run's platform decision (dqvq.cpu.tuning), not a
   config field: a config means the same model on every platform.
   """
   kwargs = {k: tuple(v) if isinstance(v, list) else v
