@@ -106,8 +106,8 @@ def main() -> None:
     print(f'tokens_per_s={codes / seconds:.1f} naive_tokens_per_s=nan '
           f'images_per_s={args.batch / seconds:.3f}')
     return
-  naive = sampling.make_sampler(model, config, naive=True,
-                                max_steps=args.naive_steps)
+  naive = sampling.make_naive_sampler(model, config,
+                                      max_steps=args.naive_steps)
   _timed(naive, params, labels, jax.random.key(0))
   out_n, naive_s = _timed(naive, params, labels, jax.random.key(1))
   naive_tokens = args.batch * int(out_n['steps'])  # one code per slot each

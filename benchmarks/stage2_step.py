@@ -45,8 +45,9 @@ import numpy as np
 from dqvq import config_lib
 from dqvq.cpu import tuning as cpu_tuning
 from dqvq.inference import tokenizer as tokenizer_lib
+from dqvq import sequence
+from dqvq.models import dqvae
 from dqvq.models import transformer as transformer_lib
-from dqvq.trainers import optim as common
 from dqvq.trainers import stage2
 from benchmarks import stage2_common
 from benchmarks.stage1_step import peak_memory_mb
@@ -56,14 +57,14 @@ from benchmarks.stage1_step import peak_memory_mb
 def weightless_tokenizer() -> tokenizer_lib.Tokenizer:
   """The paper's dual-grain DQ-VAE (16/8 px grains, 1,024 codes), no weights.
 
-  `stage2.build_layout` reads the token layout off the tokenizer, and the
+  `sequence.layout_from_config` reads the token layout off the tokenizer, and the
   step takes it as an argument, but a token batch never runs its encoder
   (`stage2.codes_of`): the module alone is enough, and no stage-1 run is
   needed to time stage 2.
   """
   config = config_lib.stage1_config()
   return tokenizer_lib.Tokenizer(params={}, codebook={},
-                                 vae=common.build_dqvae(config.model),
+                                 vae=dqvae.from_config(config.model),
                                  config=config)
 
 
@@ -118,7 +119,7 @@ def main() -> None:
   if args.capacities:
     config.model.capacities = tuple(int(c) for c in args.capacities.split(','))
   tok = weightless_tokenizer()
-  layout = stage2.build_layout(config, tok)
+  layout = sequence.layout_from_config(config, tok.vae)
   models = stage2.build_models(config, layout)
   state = jax.jit(functools.partial(stage2.init_state, models))(
       jax.random.key(config.seed))

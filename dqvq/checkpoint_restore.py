@@ -14,6 +14,9 @@ needs its own answer:
   what the user has to set back.
 - `restore(step=N)` (`--config.resume_step=N`) resumes from an older step
   with no fallback and moves the newer ones aside (`N.superseded-<time>`).
+- `restore_fields` reads only some fields of a saved state (a tokenizer's
+  params and codebook, a generator's params): loading a model for inference
+  needs neither its optimizer nor its discriminator built or read.
 
 `CheckpointRestorer` is a mixin: it needs the `directory`, `_config`,
 `_manager` (an Orbax CheckpointManager with `state`, `data` and `meta`
@@ -23,6 +26,7 @@ is re-exported by `dqvq.checkpoint`, which users and trainers import.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Sequence
 
@@ -212,6 +216,51 @@ class CheckpointRestorer:
       raise FileNotFoundError(f'No finished checkpoint {step} in '
                               f'{self.directory} (have {self.all_steps()}).')
     return self._restore_step(step, abstract_state, None)
+
+  def restore_fields(self, abstract: dict[str, PyTree],
+                     step: int | None = None
+                     ) -> tuple[dict[str, PyTree], int]:
+    """Only the named top-level fields of a saved state, and their step.
+
+    `abstract` maps field names ('params', 'codebook') to abstract trees
+    with shardings, as for `restore_latest`; the other fields are not read.
+    The arrays are checked against the checksums saved with the step. With
+    `step` None the newest step that reads back is used (damaged ones are
+    skipped with a warning but, unlike a training resume, left in place).
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    if step is not None and step not in steps:
+      raise FileNotFoundError(f'No finished checkpoint {step} in '
+                              f'{self.directory} (have {sorted(steps)}).')
+    failures = {}
+    for s in ([step] if step is not None else steps):
+      try:
+        return self._restore_fields(s, abstract), s
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        if step is not None:
+          raise
+        failures[s] = f'{type(e).__name__}: {e}'
+        logging.warning('Checkpoint step %d in %s is unreadable or damaged '
+                        '(%s); trying an older step.', s, self.directory,
+                        failures[s][:500])
+    raise CheckpointRestoreError(
+        f'No checkpoint in {self.directory} could be restored. Tried (newest '
+        'first):\n  ' + '\n  '.join(
+            f'step {s}: {err[:500]}' for s, err in failures.items()))
+
+  def _restore_fields(self, step: int, abstract: dict[str, PyTree]
+                      ) -> dict[str, PyTree]:
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    with ocp.PyTreeCheckpointer() as reader:
+      restored = reader.restore(
+          self.directory / str(step) / 'state',
+          args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args,
+                                      partial_restore=True))
+    recorded = self.read_meta(step).get('checksums') or {}
+    # Saved from a state dataclass (`.params[...]`), read back as a dict.
+    verify_checksums(restored, {re.sub(r'^\.(\w+)', r"['\1']", path): value
+                                for path, value in recorded.items()})
+    return restored
 
   def _move_aside(self, steps: Sequence[int], why: str) -> None:
     """Renames steps out of Orbax's sight, keeping their files.

@@ -2,7 +2,9 @@
 
 Why: dqvq's LPIPS and users' existing DQ-VAE / DQ-Transformer models exist
 only as PyTorch files. Conversion is a one-off, torch-free step (see
-`dqvq.interop.torch_checkpoint`: no pickled code runs) whose output dqvq loads.
+`dqvq.interop.torch_checkpoint`: no pickled code runs) whose output dqvq loads;
+the weight maps are library calls in `dqvq.interop` (`pretrained`, `official`,
+`official_bundle`), this module their command line.
 
 Subcommands (each registers in `_SUBCOMMANDS`):
 
@@ -33,111 +35,16 @@ import argparse
 import os
 import pickle
 import sys
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from dqvq.interop import torch_checkpoint
-
-StateDict = Mapping[str, np.ndarray]
-
-
-def read_checkpoint(path: str, allow_unknown: bool = False
-                    ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-  """(flat {name: array}, {'global_step', 'epoch'} when stored) of a file.
-
-  Reads .pth/.pt/.ckpt (unwrapping Lightning's `{'state_dict': {...}}`) or
-  .npz. `allow_unknown` keeps pickled non-tensor objects (Lightning callback
-  states, hyper-parameters) as inert placeholders instead of refusing.
-  """
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'no such weights file: {path}')
-  if path.endswith('.npz'):
-    with np.load(path, allow_pickle=False) as z:
-      return {k: z[k] for k in z.files}, {}
-  obj = torch_checkpoint.load(path, allow_unknown=allow_unknown)
-  info = {}
-  if isinstance(obj, dict) and 'state_dict' in obj and isinstance(
-      obj['state_dict'], dict):
-    info = {k: int(obj[k]) for k in ('global_step', 'epoch')
-            if isinstance(obj.get(k), int)}
-    obj = obj['state_dict']
-  if not isinstance(obj, dict):
-    raise ValueError(f'{path}: expected a state dict, found {type(obj)}')
-  return torch_checkpoint.flatten(obj), info
-
-
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """A flat {name: array} from a .pth/.pt/.ckpt or .npz file."""
-  return read_checkpoint(path)[0]
-
-
-def conv_kernel(weight: np.ndarray) -> np.ndarray:
-  """PyTorch conv weight (O, I, H, W) -> Flax kernel (H, W, I, O)."""
-  return np.ascontiguousarray(np.transpose(weight, (2, 3, 1, 0)))
-
-
-def _check_keys(sd: StateDict, expected: Mapping[str, tuple[int, ...]],
-                ignore_prefixes: Sequence[str], what: str) -> None:
-  """Raises ValueError naming every missing, unexpected and mis-shaped key."""
-  problems = [f'missing {k}' for k in expected if k not in sd]
-  problems += [f'unexpected {k}' for k in sd if k not in expected
-               and not any(k.startswith(p) for p in ignore_prefixes)]
-  problems += [f'{k} has shape {tuple(np.shape(sd[k]))}, expected {s}'
-               for k, s in expected.items()
-               if k in sd and tuple(np.shape(sd[k])) != s]
-  if problems:
-    raise ValueError(
-        f'{what} state dict does not match: ' + '; '.join(problems))
-
-
-def lpips_params_from_state_dicts(vgg_sd: StateDict,
-                                  lin_sd: StateDict) -> dict[str, Any]:
-  """Maps torchvision VGG16 + LPIPS lin state dicts to LPIPS Flax params.
-
-  Args:
-    vgg_sd: `features.{i}.{weight,bias}` for the 13 conv indices i of VGG16;
-      `classifier.*` keys are allowed and ignored, anything else is an error.
-    lin_sd: `lin{k}.model.1.weight` of shape (1, C_k, 1, 1), k = 0..4.
-
-  Returns:
-    The 'params' tree of `dqvq.models.perceptual.LPIPS`, float32 numpy.
-
-  Raises:
-    ValueError: naming every missing, unexpected or mis-shaped key.
-  """
-  from dqvq.models import perceptual  # pylint: disable=g-import-not-at-top
-  expected, in_ch = {}, 3
-  for idx, out_ch in perceptual.VGG16_CONVS:
-    expected[f'features.{idx}.weight'] = (out_ch, in_ch, 3, 3)
-    expected[f'features.{idx}.bias'] = (out_ch,)
-    in_ch = out_ch
-  _check_keys(vgg_sd, expected, ('classifier.',), 'VGG16 (--vgg16)')
-  lin_expected = {f'lin{k}.model.1.weight': (1, c, 1, 1)
-                  for k, c in enumerate(perceptual.LPIPS_CHANNELS)}
-  _check_keys(lin_sd, lin_expected, (), 'LPIPS lin (--lin)')
-
-  f32 = lambda a: np.asarray(a, np.float32)
-  net = {}
-  for idx, _ in perceptual.VGG16_CONVS:
-    net[f'features_{idx}'] = {'conv': {
-        'kernel': conv_kernel(f32(vgg_sd[f'features.{idx}.weight'])),
-        'bias': f32(vgg_sd[f'features.{idx}.bias'])}}
-  params: dict[str, Any] = {'net': net}
-  for k in range(len(perceptual.LPIPS_CHANNELS)):
-    params[f'lin{k}'] = {'conv': {
-        'kernel': conv_kernel(f32(lin_sd[f'lin{k}.model.1.weight']))}}
-  return params
+from dqvq.interop import pretrained
+from dqvq.models import inception
 
 
 def _lpips_command(args: argparse.Namespace) -> int:
-  from dqvq.models import perceptual  # pylint: disable=g-import-not-at-top
-  out = os.path.abspath(args.out)
-  if os.path.exists(out):
-    raise FileExistsError(f'--out {out} already exists; pick a new directory')
-  params = lpips_params_from_state_dicts(read_state_dict(args.vgg16),
-                                         read_state_dict(args.lin))
-  perceptual.save_lpips_params(params, out)
+  out = pretrained.convert_lpips(args.vgg16, args.lin, args.out)
   print(f'wrote LPIPS params to {out}')
   return 0
 
@@ -174,7 +81,7 @@ def _official_command(args: argparse.Namespace) -> int:
   ckpt = os.path.abspath(args.ckpt)
   # Lightning pickles callback states and hyper-parameters next to the
   # weights; they are kept as inert placeholders (nothing is executed).
-  sd, info = read_checkpoint(ckpt, allow_unknown=True)
+  sd, info = pretrained.read_checkpoint(ckpt, allow_unknown=True)
   cfg = official.load_official_config(args.official_config)
   origin = dict(source=ckpt, step=info.get('global_step', 0))
   if args.kind == 'dqvae':
@@ -241,9 +148,24 @@ def _add_to_official(sub: argparse._SubParsersAction) -> None:
   p.set_defaults(func=_to_official_command)
 
 
+def _inception_command(args: argparse.Namespace) -> int:
+  out, warning = pretrained.convert_inception(args.weights, args.out)
+  if warning:
+    print(f'warning: {warning}', file=sys.stderr)
+  print(f'wrote FID Inception params to {out}')
+  return 0
+
+
 def _add_inception(sub: argparse._SubParsersAction) -> None:
-  from dqvq.models import inception  # pylint: disable=g-import-not-at-top
-  inception.add_convert_subcommand(sub)
+  weights = inception.WEIGHTS_FILE
+  p = sub.add_parser(
+      'inception', help=f'pytorch-fid {weights} -> FID Inception Orbax params',
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--weights', required=True,
+                 help=f'FID Inception state dict (.pth or .npz): {weights}')
+  p.add_argument('--out', required=True,
+                 help='output Orbax checkpoint directory (must not exist)')
+  p.set_defaults(func=_inception_command)
 
 
 # Each entry adds one subcommand; its parser sets `func(args) -> exit code`.

@@ -46,7 +46,7 @@ from dqvq import checkpoint as ckpt_lib
 from dqvq.cpu import tuning as cpu_tuning
 from dqvq import distributed
 from dqvq import metrics as metrics_lib
-from dqvq import sample
+from dqvq import sampling_flags
 from dqvq import sampling
 from dqvq import sharding
 from dqvq.inference import tokenizer as tokenizer_lib
@@ -360,8 +360,8 @@ def define_flags() -> None:
                        'held-out images as .dqvq files and report their '
                        'measured bits per pixel beside the fixed-rate count '
                        'and the model\'s cross-entropy; 0: skip.')
-  sample.define_sampling_flags()
-  flags.adopt_module_key_flags(sample)  # listed in --help
+  sampling_flags.define_flags()
+  flags.adopt_module_key_flags(sampling_flags)  # listed in --help
 
 
 def options_from_flags() -> EvalOptions:
@@ -370,7 +370,7 @@ def options_from_flags() -> EvalOptions:
     ratios = tuple(float(r) for r in FLAGS.ratios)
   except ValueError as e:
     raise app.UsageError(f'--ratios must be numbers, e.g. 0.3,0.5,0.7 ({e}).')
-  config = sample.sampling_config_from_flags()
+  config = sampling_flags.from_flags()
   return EvalOptions(
       workdir=FLAGS.workdir, bundle=FLAGS.bundle, what=FLAGS.what,
       split=FLAGS.split, num_images=FLAGS.num_images,

@@ -17,22 +17,17 @@ is given for a class-conditional model.
 
 from __future__ import annotations
 
-import os
-import time
 from typing import Sequence
 
 from absl import app
 from absl import flags
-from absl import logging
-import jax
 import numpy as np
-import tqdm
 
 from dqvq.cpu import tuning as cpu_tuning
 from dqvq import distributed
 from dqvq.inference import generator as generator_lib
 from dqvq import sampling
-from dqvq import visualize
+from dqvq import sampling_flags
 
 
 FLAGS = flags.FLAGS
@@ -53,27 +48,8 @@ def define_flags() -> None:
   flags.DEFINE_string('out', None, 'Output directory.')
   flags.DEFINE_integer('batch_size', 0, 'Images per sampler call; 0: 4 per '
                        'device. Rounded up to the devices.')
-  define_sampling_flags()
-
-
-def define_sampling_flags() -> None:
-  """Flags of `sampling.SamplingConfig` and class labels (sample, evaluate)."""
-  flags.DEFINE_multi_integer('class_label', [], 'Class ids (cycled); default: '
-                             'every class in turn.')
-  flags.DEFINE_float('temperature', 1.0, 'Contents.')
-  flags.DEFINE_float('temperature_position', None,
-                     'Positions (default --temperature).')
-  flags.DEFINE_integer('top_k', 0, 'Contents; 0 = off.')
-  flags.DEFINE_integer('top_k_position', 0, 'Positions.')
-  flags.DEFINE_float('top_p', 1.0, 'Contents; 1 = off.')
-  flags.DEFINE_float('top_p_position', 1.0, 'Positions.')
-  flags.DEFINE_float('cfg_scale', 1.0, 'Guidance on contents (1 = off).')
-  flags.DEFINE_float('cfg_scale_position', None,
-                     'Guidance on positions (default --cfg_scale).')
-  flags.DEFINE_bool('greedy', False, 'Argmax instead of sampling.')
-  flags.DEFINE_list('min_codes', None, 'Floor per granularity.')
-  flags.DEFINE_list('max_codes', None, 'Cap per granularity.')
-  flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+  sampling_flags.define_flags()
+  flags.adopt_module_key_flags(sampling_flags)  # listed in --help
 
 
 def run(*, out: str, num_images: int, config: sampling.SamplingConfig,
@@ -85,50 +61,9 @@ def run(*, out: str, num_images: int, config: sampling.SamplingConfig,
     gen = generator_lib.load_bundle(bundle)
   else:
     gen = generator_lib.load_run(workdir, checkpoint)
-  start = time.time()
-  with tqdm.tqdm(total=num_images, unit='img', desc='sampling') as bar:
-    res = gen.sample(num_images, class_labels=class_labels, config=config,
-                     batch_size=batch_size, on_batch=bar.update)
-  seconds = time.time() - start
-  if jax.process_index() != 0:
-    return res  # every process samples its shard; process 0 writes
-  images = visualize.to_uint8(res['image'])
-  previews = visualize.to_uint8(res['preview'])
-  for i in range(num_images):
-    visualize.save_png(os.path.join(out, 'images', f'{i:05d}.png'), images[i])
-    visualize.save_png(os.path.join(out, 'previews', f'{i:05d}.png'),
-                       previews[i])
-  visualize.save_png(os.path.join(out, 'grid.png'),
-                     visualize.image_grid(images))
-  visualize.save_png(os.path.join(out, 'preview_grid.png'),
-                     visualize.image_grid(previews))
-  np.savez(os.path.join(out, 'tokens.npz'),
-           **{k: v for k, v in res.items() if k not in ('image', 'preview')})
-  logging.info('%d images in %.1fs (%.2f images/s, %.1f codes/image; '
-               'complete: %s) -> %s', num_images, seconds,
-               num_images / seconds, float(np.mean(res['num_codes'])),
-               bool(np.all(res['writes'] == 1)), out)
-  return res
-
-
-def _ints(values: Sequence[str] | None) -> tuple[int, ...] | None:
-  return tuple(int(v) for v in values) if values else None
-
-
-def sampling_config_from_flags() -> sampling.SamplingConfig:
-  """The SamplingConfig the parsed `define_sampling_flags` flags name."""
-  return sampling.SamplingConfig(
-      temperature_content=FLAGS.temperature,
-      temperature_position=(FLAGS.temperature
-                            if FLAGS.temperature_position is None
-                            else FLAGS.temperature_position),
-      top_k_content=FLAGS.top_k, top_k_position=FLAGS.top_k_position,
-      top_p_content=FLAGS.top_p, top_p_position=FLAGS.top_p_position,
-      greedy=FLAGS.greedy, cfg_scale_content=FLAGS.cfg_scale,
-      cfg_scale_position=FLAGS.cfg_scale if FLAGS.cfg_scale_position is None
-      else FLAGS.cfg_scale_position,
-      min_codes=_ints(FLAGS.min_codes), max_codes=_ints(FLAGS.max_codes),
-      seed=FLAGS.seed)
+  return generator_lib.sample_to_dir(gen, out, num_images, config=config,
+                                     class_labels=class_labels,
+                                     batch_size=batch_size)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -140,7 +75,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError('--out and exactly one of --workdir, --checkpoint or '
                          '--bundle are needed.')
   run(out=FLAGS.out, num_images=FLAGS.num_images,
-      config=sampling_config_from_flags(),
+      config=sampling_flags.from_flags(),
       workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, bundle=FLAGS.bundle,
       class_labels=FLAGS.class_label, batch_size=FLAGS.batch_size)
 

@@ -44,7 +44,8 @@ straight off the table.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import math
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -177,6 +178,20 @@ def layout_for(grain_factors: Sequence[int], resolution: int,
                       codebook_size, num_classes, null_class,
                       tuple(capacities) if capacities else None,
                       position_index)
+
+
+def layout_from_config(config: Any, vae: Any) -> StreamLayout:
+  """The stage-2 layout of a run's config over its tokenizer's DQ-VAE.
+
+  `vae` is anything with `grain_factors` and `codebook_size` (a DQVAE).
+  """
+  m = config.model
+  return layout_for(
+      vae.grain_factors, config.data.resolution, vae.codebook_size,
+      num_classes=m.num_classes, null_class=m.label_dropout > 0,
+      capacities=tuple(m.capacities) if m.capacities else None,
+      # A config from before the field trained with slot positions.
+      position_index=m.get('position_index', 'slot'))
 
 
 def _grain_of_cells(grain_map: Array, layout: StreamLayout, k: int) -> Array:
@@ -324,3 +339,15 @@ def model_inputs(streams: dict[str, Array],
   targets['pad'] = inputs['pad'] | (nxt >= t)
   return {'inputs': inputs, 'targets': targets}
 
+
+def bits_per_image(code_length_mean: float, codebook_size: int,
+                   num_regions: int, num_grains: int) -> dict[str, float]:
+  """Mean bits per image: codes at log2(codebook) + the grain map.
+
+  The grain map costs log2(num_grains) bits per region (0 for one grain),
+  what a decoder needs to place variable-length codes.
+  """
+  codes = code_length_mean * math.log2(codebook_size)
+  grain_map = num_regions * math.log2(num_grains) if num_grains > 1 else 0.0
+  return {'bits_per_image': codes + grain_map, 'bits_codes': codes,
+          'bits_grain_map': grain_map}

@@ -176,13 +176,14 @@ def run(config, workdir: str) -> None:
   `config.sample_class_labels`) to `workdir/samples`. A run stopped early
   (SIGTERM, Ctrl-C, `stop_at_step`) does nothing after its stop."""
   from dqvq import config_lib  # pylint: disable=g-import-not-at-top
+  from dqvq.trainers import checks  # pylint: disable=g-import-not-at-top
   from dqvq import run_guards  # pylint: disable=g-import-not-at-top
   from dqvq.trainers import loop  # pylint: disable=g-import-not-at-top
   stage1_config = (config.tokenizer.get('stage1') if config.stage == 2
                    else None)
   if stage1_config is not None:
     # Every check of both stages before the first one trains.
-    config_lib.validate_config(config, tokenizer_ready=False)
+    checks.validate_config(config, tokenizer_ready=False)
     stage1_dir = config.tokenizer.workdir or os.path.join(workdir, 'stage1')
     run_guards.check_writable(
         *(os.path.join(d, sub) for d in (stage1_dir,
@@ -200,15 +201,15 @@ def run(config, workdir: str) -> None:
     return
   if config.stage == 2 and config.get('sample_images', 0):
     # pylint: disable=g-import-not-at-top
-    from dqvq import sample
+    from dqvq.inference import generator as generator_lib
     # pylint: enable=g-import-not-at-top
     out = os.path.join(os.path.dirname(workdir) if stage1_config is not None
                        else workdir, 'samples')
     logging.info('Sampling %d images into %s.', config.sample_images, out)
-    sample.run(out=out, num_images=config.sample_images,
-               config=config_lib.sampling_config(config),
-               class_labels=tuple(config.get('sample_class_labels', ())),
-               workdir=workdir)
+    generator_lib.sample_to_dir(
+        generator_lib.load_run(workdir), out, config.sample_images,
+        config=config_lib.sampling_config(config),
+        class_labels=tuple(config.get('sample_class_labels', ())))
     logging.info('Samples: %s (grid.png, images/, previews/).', out)
   logging.info('Next: %s', next_command(config, workdir))
 

@@ -19,6 +19,8 @@ import pytest
 import conftest
 import dqvq
 from dqvq import codec
+from dqvq.models import dqvae
+from dqvq.models import transformer as transformer_lib
 from dqvq.inference import image_codec
 from dqvq.inference import codec_format
 from dqvq.inference import generator as generator_lib
@@ -27,8 +29,6 @@ from dqvq import sharding
 from dqvq.inference import stream_coder
 from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq import visualize
-from dqvq.trainers import optim as common
-from dqvq.trainers import stage2
 import test_train
 
 LABELS = [1, 5, 9]
@@ -40,7 +40,7 @@ def _random_generator(seed: int, num_classes: int, position_index: str
   demo = conftest.load_config('demo')
   c1 = demo.stage1_config('runlocal')
   res = c1.data.resolution
-  vae = common.build_dqvae(c1.model)
+  vae = dqvae.from_config(c1.model)
   rngs = {k: jax.random.key(seed) for k in ('params', 'gumbel', 'restart',
                                             'router', 'dropout')}
   v = jax.jit(vae.init)(rngs, jnp.zeros((1, res, res, 3)))
@@ -50,11 +50,11 @@ def _random_generator(seed: int, num_classes: int, position_index: str
   c2 = demo.get_config('runlocal')
   c2.model.num_classes = num_classes
   c2.model.position_index = position_index
-  layout = stage2.build_layout(c2, tok)
-  models = stage2.build_models(c2, layout)
-  params = nn.unbox(jax.jit(lambda r: stage2.init_variables(models, r))(
-      jax.random.key(seed + 1))['params'])
-  return generator_lib.Generator(models.model, params, layout, tok, c2,
+  model, layout = generator_lib.build_model(c2, tok)
+  params = nn.unbox(jax.jit(
+      lambda r: transformer_lib.init_variables(model, r))(
+          jax.random.key(seed + 1))['params'])
+  return generator_lib.Generator(model, params, layout, tok, c2,
                                  sharding.create_mesh())
 
 

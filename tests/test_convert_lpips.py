@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from dqvq import convert
+from dqvq.interop import pretrained
 from dqvq.models import perceptual
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,7 +91,7 @@ def _np_lpips(vgg, lin, x0, x1):
 
 def test_every_parameter_lands_in_place(state_dicts):
   vgg, lin = state_dicts
-  params = convert.lpips_params_from_state_dicts(vgg, lin)
+  params = pretrained.lpips_params_from_state_dicts(vgg, lin)
   perceptual.check_lpips_params(params, where='test')
   for idx in VGG_IDX:
     conv = params['net'][f'features_{idx}']['conv']
@@ -109,7 +110,7 @@ def test_every_parameter_lands_in_place(state_dicts):
 
 def test_converted_lpips_matches_numpy_official_forward(state_dicts):
   vgg, lin = state_dicts
-  params = convert.lpips_params_from_state_dicts(vgg, lin)
+  params = pretrained.lpips_params_from_state_dicts(vgg, lin)
   rng = np.random.default_rng(1)
   x0 = rng.uniform(-1, 1, (2, 3, 32, 32))
   x1 = np.clip(x0 + rng.normal(0, 0.5, x0.shape), -1, 1)
@@ -128,7 +129,7 @@ def test_mismatched_state_dicts_name_the_keys(state_dicts):
   bad['features.3.weight'] = np.zeros(1)
   bad['features.0.weight'] = np.zeros((64, 4, 3, 3))
   with pytest.raises(ValueError) as e:
-    convert.lpips_params_from_state_dicts(bad, lin)
+    pretrained.lpips_params_from_state_dicts(bad, lin)
   msg = str(e.value)
   assert 'missing features.28.bias' in msg
   assert 'unexpected features.3.weight' in msg
@@ -136,7 +137,7 @@ def test_mismatched_state_dicts_name_the_keys(state_dicts):
   assert 'classifier' not in msg
   bad_lin = dict(lin, **{'lin2.model.1.weight': np.zeros((1, 64, 1, 1))})
   with pytest.raises(ValueError, match=r'lin2\.model\.1\.weight has shape'):
-    convert.lpips_params_from_state_dicts(vgg, bad_lin)
+    pretrained.lpips_params_from_state_dicts(vgg, bad_lin)
 
 
 def test_cli_end_to_end_with_npz(state_dicts, tmp_path):
@@ -168,8 +169,8 @@ def test_cli_end_to_end_with_npz(state_dicts, tmp_path):
 
 
 def test_reads_torch_files_and_unwraps_state_dict():
-  sd = convert.read_state_dict(os.path.join(DATA, 'tiny_zip.pth'))
+  sd = pretrained.read_state_dict(os.path.join(DATA, 'tiny_zip.pth'))
   assert 'w_f32' in sd and 'conv.weight' in sd and 'epoch' not in sd
   assert sd['conv.weight'].shape == (3, 2, 1, 1)
   with pytest.raises(FileNotFoundError, match='no such weights file'):
-    convert.read_state_dict(os.path.join(DATA, 'absent.pth'))
+    pretrained.read_state_dict(os.path.join(DATA, 'absent.pth'))

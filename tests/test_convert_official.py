@@ -21,12 +21,13 @@ import pytest
 import dqvq
 from dqvq import config_lib
 from dqvq import convert
-from dqvq.inference import generator as generator_lib
+from dqvq.interop import pretrained
 from dqvq.interop import official
 from dqvq.interop import official_bundle
 from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq.models import dqvae
-from dqvq.trainers import stage2
+from dqvq import sequence
+from dqvq.models import transformer as transformer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.environ.get('DQVQ_REFERENCE', os.path.join(
@@ -161,10 +162,10 @@ def test_stackgpt_names_and_shapes_are_the_official_ones(name, classes,
 def _transformer_table(config, tok_cfg):
   vae = type('Vae', (), dict(grain_factors=tuple(tok_cfg.model.grain_factors),
                              codebook_size=tok_cfg.model.codebook_size))
-  layout = stage2.build_layout(config, type('Tok', (), {'vae': vae}))
-  models = stage2.build_models(config, layout)
+  layout = sequence.layout_from_config(config, vae)
+  model = transformer_lib.from_config(config.model, layout)
   return official.entries(
-      {'params': generator_lib._abstract_params(models)}, 'transformer')  # pylint: disable=protected-access
+      {'params': transformer_lib.abstract_params(model)}, 'transformer')
 
 
 # --- Values: every kind of layer lands in place; round trips are exact. ---
@@ -457,8 +458,8 @@ def test_pth_lightning_checkpoint(tiny_tokenizer, thresholds, tmp_path):
   path = str(tmp_path / 'dqvae.ckpt')
   write_lightning_pth(path, sd, global_step=7)
   with pytest.raises(pickle.UnpicklingError, match='ModelCheckpoint'):
-    convert.read_state_dict(path)  # the plain reader refuses unknown globals
-  got, info = convert.read_checkpoint(path, allow_unknown=True)
+    pretrained.read_state_dict(path)  # the plain reader refuses unknown globals
+  got, info = pretrained.read_checkpoint(path, allow_unknown=True)
   assert info == {'global_step': 7} and sorted(got) == sorted(sd)
   out = str(tmp_path / 'tok')
   assert convert.main(['official', '--kind', 'dqvae', '--ckpt', path,
@@ -495,7 +496,7 @@ def test_converted_generator_samples_and_goes_back(tiny_tokenizer, tmp_path):
   # Back to official names: the input again (masks and first stage included).
   back_file = str(tmp_path / 'back.npz')
   assert convert.main(['to_official', '--bundle', out, '--out', back_file]) == 0
-  back = convert.read_state_dict(back_file)
+  back = pretrained.read_state_dict(back_file)
   assert sorted(back) == sorted(sd)
   for k, want in sd.items():
     got = back[k]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from dqvq import checkpoint as ckpt_lib
-from dqvq import config_lib
+from dqvq.trainers import checks
 
 import test_train  # pylint: disable=g-bad-import-order
 
@@ -111,7 +111,7 @@ def test_config_fields_validated(field, value, match, demo_data_dir):
   c = test_train.tiny(demo_data_dir)
   c[field] = value
   with pytest.raises(ValueError, match=match):
-    config_lib.validate_config(c)
+    checks.validate_config(c)
 
 
 def test_blown_up_run_saves_only_finite_states(demo_data_dir, tmp_path):

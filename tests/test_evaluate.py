@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+from dqvq import sequence
 from dqvq import evaluate
 from dqvq import sampling
 from dqvq import sharding
@@ -301,12 +302,12 @@ def test_budget_ratios_and_bits():
       pytest.approx(0.7), 0.3)
   triple = tokenizer_eval.budget_grain_ratios(0.5, (0.4, 0.3, 0.3))
   np.testing.assert_allclose(triple, (0.5 * 4 / 7, 0.5 * 3 / 7, 0.5))
-  bits = tokenizer_eval.bits_per_image(640.0, 1024, 256, 2)
+  bits = sequence.bits_per_image(640.0, 1024, 256, 2)
   assert bits == {'bits_per_image': 6656.0, 'bits_codes': 6400.0,
                   'bits_grain_map': 256.0}
-  assert tokenizer_eval.bits_per_image(256.0, 1024, 256, 1)[
+  assert sequence.bits_per_image(256.0, 1024, 256, 1)[
       'bits_grain_map'] == 0.0
-  three = tokenizer_eval.bits_per_image(10.0, 16, 4, 3)
+  three = sequence.bits_per_image(10.0, 16, 4, 3)
   assert three['bits_per_image'] == pytest.approx(40 + 4 * math.log2(3))
 
 

@@ -9,7 +9,6 @@ directly on the PyTorch-layout tensors; so a wrong key, transpose, padding,
 pool type (Mixed_7c's max pool, count_include_pad=False) or resize fails.
 """
 
-import argparse
 import logging
 import os
 
@@ -17,8 +16,10 @@ import jax
 import numpy as np
 import pytest
 
+from dqvq import convert
 from dqvq import sharding
 from dqvq.eval import fid
+from dqvq.interop import pretrained
 from dqvq.models import inception
 from dqvq.models.layers import count_params
 
@@ -105,7 +106,7 @@ def torch_sd():
 
 @pytest.fixture(scope='module')
 def params(torch_sd):
-  return inception.inception_params_from_state_dict(torch_sd)
+  return pretrained.inception_params_from_state_dict(torch_sd)
 
 
 def test_table_and_module_have_the_public_parameter_count():
@@ -165,13 +166,13 @@ def test_converter_places_every_tensor(torch_sd, params):
 def test_converter_names_bad_keys(torch_sd):
   ok = dict(torch_sd)
   ok['Mixed_5b.branch1x1.bn.num_batches_tracked'] = np.int64(7)  # Dropped.
-  inception.inception_params_from_state_dict(ok)
+  pretrained.inception_params_from_state_dict(ok)
   bad = dict(torch_sd)
   del bad['Mixed_6c.branch7x7_2.conv.weight']
   bad['Mixed_7c.branch_pool.bn.bias'] = np.zeros(7, np.float32)
   bad['extra.weight'] = np.zeros(1, np.float32)
   with pytest.raises(ValueError) as e:
-    inception.inception_params_from_state_dict(bad)
+    pretrained.inception_params_from_state_dict(bad)
   msg = str(e.value)
   assert 'missing Mixed_6c.branch7x7_2.conv.weight' in msg
   assert 'unexpected extra.weight' in msg
@@ -179,7 +180,7 @@ def test_converter_names_bad_keys(torch_sd):
   aux = dict(torch_sd)
   aux['AuxLogits.fc.weight'] = np.zeros((1000, 768), np.float32)
   with pytest.raises(ValueError, match='torchvision.*pt_inception'):
-    inception.inception_params_from_state_dict(aux)
+    pretrained.inception_params_from_state_dict(aux)
 
 
 # ---- float64 NumPy forward on the PyTorch-layout state dict (NHWC) ----
@@ -340,8 +341,7 @@ def test_random_and_missing_weights(tmp_path, caplog):
 def test_convert_subcommand_round_trip(torch_sd, params, tmp_path):
   weights = str(tmp_path / 'pt_inception.npz')
   np.savez(weights, **torch_sd)
-  parser = argparse.ArgumentParser()
-  inception.add_convert_subcommand(parser.add_subparsers(dest='command'))
+  parser = convert.build_parser()
   out = str(tmp_path / 'inception_params')
   args = parser.parse_args(['inception', '--weights', weights, '--out', out])
   assert args.func(args) == 0
@@ -361,12 +361,10 @@ def test_convert_subcommand_round_trip(torch_sd, params, tmp_path):
 
 def test_convert_warns_on_other_pth_bytes(torch_sd, tmp_path, monkeypatch,
                                           capsys):
-  from dqvq import convert  # pylint: disable=g-import-not-at-top
   fake = tmp_path / 'pt_inception-2015-12-05-6726825d.pth'
   fake.write_bytes(b'not the published file')
-  monkeypatch.setattr(convert, 'read_state_dict', lambda path: torch_sd)
-  parser = argparse.ArgumentParser()
-  inception.add_convert_subcommand(parser.add_subparsers(dest='command'))
+  monkeypatch.setattr(pretrained, 'read_state_dict', lambda path: torch_sd)
+  parser = convert.build_parser()
   args = parser.parse_args(['inception', '--weights', str(fake), '--out',
                             str(tmp_path / 'out')])
   assert args.func(args) == 0

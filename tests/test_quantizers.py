@@ -16,7 +16,6 @@ from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq.models import dqvae
 from dqvq.models import fsq
 from dqvq.models import quantizer as q_lib
-from dqvq.trainers import optim as common
 from dqvq.trainers import stage1
 
 RNGS = {'params': jax.random.key(0), 'gumbel': jax.random.key(1),
@@ -263,9 +262,9 @@ def test_config_fields_and_configs_saved_without_them():
   old = ml_collections.ConfigDict(
       {k: v for k, v in m.to_dict().items()
        if k not in ('quantizer', 'fsq_levels')})
-  assert common.build_dqvae(old).quantizer == 'ema'
+  assert dqvae.from_config(old).quantizer == 'ema'
   m.update(quantizer='fsq', fsq_levels=[4, 4, 4])  # 64 codes, as runlocal
-  assert common.build_dqvae(m).latent_dim == 3
+  assert dqvae.from_config(m).latent_dim == 3
 
 
 @pytest.mark.parametrize('fields,match', [

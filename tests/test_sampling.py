@@ -117,8 +117,7 @@ def test_cached_equals_naive(layout, config):
   labels = _labels(layout, 4)
   key = jax.random.key(config.seed)
   cached = sampling.make_sampler(model, config)(params, labels, key)
-  naive = sampling.make_sampler(model, config, naive=True)(params, labels,
-                                                           key)
+  naive = sampling.make_naive_sampler(model, config)(params, labels, key)
   for name in ('content', 'position', 'pad', 'num_codes'):
     np.testing.assert_array_equal(cached[name], naive[name], err_msg=name)
   _check_streams(cached, layout)

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from dqvq import config_lib
+from dqvq.trainers import checks
 from dqvq import sequence
 from dqvq import sharding
 from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq import train
-from dqvq.trainers import optim as common
+from dqvq.trainers import optim
 from dqvq.trainers import loop
 from dqvq.trainers import stage2
 
@@ -107,7 +107,7 @@ def test_resume_equals_uninterrupted_bitwise(stage1_workdir, demo_data_dir,
 def _models_state_batch(stage1_workdir, demo_data_dir, mesh=None):
   c = stage2_config(stage1_workdir, demo_data_dir)
   tok = tokenizer_lib.load_stage1(stage1_workdir)
-  models = stage2.build_models(c, stage2.build_layout(c, tok))
+  models = stage2.build_models(c, sequence.layout_from_config(c, tok.vae))
   state = jax.jit(lambda r: stage2.init_state(models, r))(jax.random.key(0))
   res = c.data.resolution
   batch = {'image': jax.random.uniform(jax.random.key(1), (8, res, res, 3),
@@ -221,7 +221,7 @@ def test_loss_ignores_pads(stage1_workdir, demo_data_dir):
 
 def test_weight_decay_only_on_linear_kernels(stage1_workdir, demo_data_dir):
   _, _, _, state, _ = _models_state_batch(stage1_workdir, demo_data_dir)
-  mask = common.decay_mask(state.params)
+  mask = optim.decay_mask(state.params)
   flat = {jax.tree_util.keystr(p): v for p, v in
           jax.tree_util.tree_flatten_with_path(mask)[0]}
   assert flat["['position_head']['kernel']"]
@@ -236,32 +236,32 @@ def test_stage2_config_validation_errors(stage1_workdir, demo_data_dir,
                                          tmp_path):
   c = stage2_config(None, demo_data_dir)
   with pytest.raises(ValueError, match='tokenizer.workdir'):
-    config_lib.validate_config(c)
+    checks.validate_config(c)
   c = stage2_config(str(tmp_path), demo_data_dir)
   with pytest.raises(FileNotFoundError, match='holds no checkpoints'):
-    config_lib.validate_config(c)
+    checks.validate_config(c)
   c = stage2_config(stage1_workdir, demo_data_dir, tokens_dir='/nonexistent')
   with pytest.raises(FileNotFoundError, match='dqvq.tokenize'):
-    config_lib.validate_config(c)
+    checks.validate_config(c)
   c = stage2_config(stage1_workdir, demo_data_dir)
   c.model.width = 33
   with pytest.raises(ValueError, match='num_heads'):
-    config_lib.validate_config(c)
+    checks.validate_config(c)
   c = stage2_config(stage1_workdir, demo_data_dir)
   c.model.width = 36
   c.model.num_heads = 1
   c.mesh.fsdp, c.mesh.data = 8, 1
   with pytest.raises(ValueError, match='fsdp'):
-    config_lib.validate_config(c)
+    checks.validate_config(c)
   c = stage2_config(stage1_workdir, demo_data_dir, 'ffhq_stage2')
   c.model.label_dropout = 0.1
   with pytest.raises(ValueError, match='class-conditional'):
-    config_lib.validate_config(c)
+    checks.validate_config(c)
   c = stage2_config(stage1_workdir, demo_data_dir)
   c.model.block_size = 8
   with pytest.raises(ValueError, match='block_size'):
-    stage2.build_models(c, stage2.build_layout(
-        c, tokenizer_lib.load_stage1(stage1_workdir)))
+    stage2.build_models(c, sequence.layout_from_config(
+        c, tokenizer_lib.load_stage1(stage1_workdir).vae))
 
 
 def test_paper_configs():
@@ -289,15 +289,15 @@ def test_sample_settings_refused_before_training(stage1_workdir, demo_data_dir):
   c = stage2_config(stage1_workdir, demo_data_dir, arg='runlocal,uncond')
   c.sample_class_labels = (3,)
   with pytest.raises(ValueError, match='needs a class-conditional'):
-    config_lib.validate_config(c)
+    checks.validate_config(c)
   c = stage2_config(stage1_workdir, demo_data_dir)
   c.sample_class_labels = (0, c.model.num_classes)
   with pytest.raises(ValueError, match=r'outside \[0, '):
-    config_lib.validate_config(c)
+    checks.validate_config(c)
   c = stage2_config(stage1_workdir, demo_data_dir)
   c.sampling.temperature_content = 0.0
   with pytest.raises(ValueError, match='temperature'):
-    config_lib.validate_config(c)
+    checks.validate_config(c)
 
 
 def test_tokenizer_of_another_resolution_refused(stage1_workdir,

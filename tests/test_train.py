@@ -18,7 +18,8 @@ import numpy as np
 import optax
 import pytest
 
-from dqvq import config_lib
+
+from dqvq.trainers import checks
 from dqvq import losses
 from dqvq import sharding
 from dqvq.trainers import loop
@@ -241,27 +242,27 @@ def test_config_validation_errors(field, value, exc, match, demo_data_dir):
   c.lpips_weights = 'random'
   c[field] = value
   with pytest.raises(exc, match=match):
-    config_lib.validate_config(c)
+    checks.validate_config(c)
 
 
 def test_config_validation_model_and_data_errors(demo_data_dir):
   c = tiny(demo_data_dir)
   c.data.resolution = 36
   with pytest.raises(ValueError, match='multiple of the largest'):
-    config_lib.validate_config(c)
+    checks.validate_config(c)
   c = tiny(demo_data_dir)
   c.data.name = 'image_folder'
   c.data.image_folder_root = '/nonexistent/ffhq'
   with pytest.raises(FileNotFoundError, match='image_folder_root'):
-    config_lib.validate_config(c)
+    checks.validate_config(c)
   c = tiny(demo_data_dir)
   c.mesh.data = 3
   with pytest.raises(ValueError, match='mesh'):
-    config_lib.validate_config(c)
+    checks.validate_config(c)
   c = tiny(demo_data_dir)
   c.model.unknown_field = 1
   with pytest.raises(ValueError, match='Unknown config.model'):
-    config_lib.validate_config(c)
+    checks.validate_config(c)
   with pytest.raises(ValueError, match='Unknown config argument'):
     load_config('imagenet_stage1', 'runlocal,bogus')
 
@@ -278,8 +279,8 @@ def test_config_arguments_select_models():
 
 def test_learning_rate_schedule_official():
   c = load_config('imagenet_stage1', '')
-  from dqvq.trainers import optim as common  # pylint: disable=g-import-not-at-top
-  sched = common.learning_rate_schedule(c)
+  from dqvq.trainers import optim  # pylint: disable=g-import-not-at-top
+  sched = optim.learning_rate_schedule(c)
   peak = 4.5e-6 * 240
   np.testing.assert_allclose(sched(0), 0.0)
   np.testing.assert_allclose(sched(267), peak * 267 / 534, rtol=1e-6)

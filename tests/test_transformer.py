@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dqvq import sequence
+from dqvq.models import attention
 from dqvq.models import transformer as tr_lib
 
 _encode = jax.jit(sequence.encode, static_argnums=(2,))
@@ -202,7 +203,7 @@ def test_no_information_from_the_future(grid_sizes):
 
 def test_attention_mask_is_causal_and_hides_pad_keys():
   pad = jnp.array([[False, False, True, False], [False, True, True, True]])
-  m = np.asarray(tr_lib.attention_mask(pad))
+  m = np.asarray(attention.attention_mask(pad))
   assert m.shape == (2, 1, 4, 4)
   for b in range(2):
     for q in range(4):
@@ -374,14 +375,14 @@ def test_self_attention_paths_match_reference():
   x = np.random.default_rng(0).normal(size=(b, t, e)).astype(np.float32)
   pad = jnp.array([[False] * 4 + [True] * 2, [False, True, False, False,
                                                True, False]])
-  mask = tr_lib.attention_mask(pad)
-  attn = tr_lib.SelfAttention(h, dropout=0.5)
+  mask = attention.attention_mask(pad)
+  attn = attention.SelfAttention(h, dropout=0.5)
   params = _randomized_params(attn, (x, mask), scale=0.5, train=False)
   want = _reference_attention(params['params'], x, mask, h)
   fused = jax.jit(attn.apply, static_argnums=3)(params, x, mask, False)
   np.testing.assert_allclose(fused, want, atol=2e-5, rtol=1e-4)
 
-  explicit = jax.jit(tr_lib.SelfAttention(h, dropout=1e-9).apply,
+  explicit = jax.jit(attention.SelfAttention(h, dropout=1e-9).apply,
                      static_argnums=3)(params, x, mask, True,
                                        rngs={'dropout': _dropout_key(2)})
   np.testing.assert_allclose(explicit, want, atol=2e-5, rtol=1e-4)

@@ -21,6 +21,7 @@ import pytest
 
 from conftest import cached_logits
 from dqvq import config_lib
+from dqvq.trainers import checks
 from dqvq import sampling
 from dqvq import sequence
 from dqvq.eval import study_stage2
@@ -180,7 +181,7 @@ def test_sampler_with_every_switch_flipped():
   config = sampling.SamplingConfig(seed=4)
   key = jax.random.key(config.seed)
   cached = sampling.make_sampler(model, config)(params, labels, key)
-  naive = sampling.make_sampler(model, config, naive=True)(params, labels, key)
+  naive = sampling.make_naive_sampler(model, config)(params, labels, key)
   for name in ('content', 'position', 'pad', 'num_codes'):
     np.testing.assert_array_equal(cached[name], naive[name], err_msg=name)
 
@@ -211,7 +212,7 @@ def test_config_validation_refuses_a_bad_switch_before_training(field):
   c = config_lib.stage2_config('runlocal')
   c.model[field] = 'half'
   with pytest.raises(ValueError, match=f'config.model.{field}=.half.'):
-    config_lib.validate_config(c, num_devices=1, tokenizer_ready=False)
+    checks.validate_config(c, num_devices=1, tokenizer_ready=False)
 
 
 def test_config_fields_reach_the_model():

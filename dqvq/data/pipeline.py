@@ -16,10 +16,14 @@ decodes only its own elements.
 
 Eval is one pass in file order, padded so that every host yields the same
 number of batches (`mask` marks real examples): hosts must stay in lock-step
-because every step is a collective.
+because every step is a collective. `make_eval_dataset` is the one reader of
+a split read that way: validation, `dqvq.evaluate`, the token writer
+(`data.tokens`) and the entropy table (`data.entropy_table`) share it, so all
+of them see the same pixels in the same order.
 
 Batches are dicts of numpy arrays: `image` float32 (B, R, R, 3) in [-1, 1]
-NHWC, `label` int32 (B,), `mask` bool (B,), and two host-local scalars,
+NHWC, `label` int32 (B,), `mask` bool (B,), in eval batches also `index`
+int64 (B,) (position in the source, -1 in padding), and two host-local scalars,
 `num_skipped` (undecodable images skipped while filling this batch) and
 `num_skipped_total` (since the start of training, restored with the
 iterator). `make_global_batch` turns the arrays into global jax.Arrays and
@@ -136,11 +140,13 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
   """
 
   def __init__(self, parent: grain.DatasetIterator, batch_size: int,
-               image_shape: tuple[int, ...], num_batches: int | None):
+               image_shape: tuple[int, ...], num_batches: int | None,
+               with_index: bool = False):
     super().__init__(parent)
     self._batch_size = batch_size
     self._image_shape = tuple(image_shape)
     self._num_batches = num_batches
+    self._with_index = with_index
     self._emitted = 0
     self._skipped_total = 0
     self._exhausted = False
@@ -148,7 +154,7 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
   def __next__(self) -> dict[str, np.ndarray]:
     if self._num_batches is not None and self._emitted >= self._num_batches:
       raise StopIteration
-    images, labels, skipped, run = [], [], 0, 0
+    images, labels, indices, skipped, run = [], [], [], 0, 0
     while len(images) < self._batch_size and not self._exhausted:
       try:
         element = next(self._parent)
@@ -168,21 +174,25 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
       run = 0
       images.append(element['image'])
       labels.append(element['label'])
+      if self._with_index:
+        indices.append(element['index'])
     self._emitted += 1
     self._skipped_total += skipped
-    return self._assemble(images, labels, skipped)
+    return self._assemble(images, labels, indices, skipped)
 
   def _assemble(self, images: list[np.ndarray], labels: list[Any],
-                skipped: int) -> dict[str, np.ndarray]:
+                indices: list[Any], skipped: int) -> dict[str, np.ndarray]:
     n, b = len(images), self._batch_size
     image = np.zeros((b,) + self._image_shape, np.float32)
     label = np.zeros((b,), np.int32)
     if n:
       image[:n] = transforms.to_model_range(np.stack(images))
       label[:n] = np.asarray(labels, np.int32)
-    mask = np.arange(b) < n
-    return {'image': image, 'label': label, 'mask': mask,
-            'num_skipped': np.int32(skipped),
+    batch = {'image': image, 'label': label, 'mask': np.arange(b) < n}
+    if self._with_index:  # -1: a padding row is no source position
+      batch['index'] = np.full((b,), -1, np.int64)
+      batch['index'][:n] = np.asarray(indices, np.int64)
+    return {**batch, 'num_skipped': np.int32(skipped),
             'num_skipped_total': np.int32(self._skipped_total)}
 
   def get_state(self) -> dict[str, Any]:
@@ -201,15 +211,18 @@ class SkipAndBatchDataset(grain.IterDataset):
   """`batch` that drops invalid elements; pads to `num_batches` if given."""
 
   def __init__(self, parent: grain.IterDataset, batch_size: int,
-               image_shape: tuple[int, ...], num_batches: int | None = None):
+               image_shape: tuple[int, ...], num_batches: int | None = None,
+               with_index: bool = False):
     super().__init__(parent)
     self._batch_size = batch_size
     self._image_shape = tuple(image_shape)
     self._num_batches = num_batches
+    self._with_index = with_index
 
   def __iter__(self) -> _SkipAndBatchIterator:
     return _SkipAndBatchIterator(self._parent.__iter__(), self._batch_size,
-                                 self._image_shape, self._num_batches)
+                                 self._image_shape, self._num_batches,
+                                 self._with_index)
 
   def __str__(self) -> str:
     return (f'SkipAndBatchDataset(batch_size={self._batch_size}, '
@@ -258,18 +271,46 @@ def num_eval_batches(num_examples: int, host_batch_size: int,
   return math.ceil(math.ceil(num_examples / shard_count) / host_batch_size)
 
 
+class _EvalElement(grain.transforms.MapWithIndex):
+  """`transforms.EvalPreprocess`, plus the record's position as 'index'.
+
+  A class, not a lambda, so that worker processes can unpickle it.
+  """
+
+  def __init__(self, resolution: int):
+    self._prep = transforms.EvalPreprocess(resolution)
+
+  def map_with_index(self, index: int, element: Any) -> dict[str, Any]:
+    return {**self._prep.map(element), 'index': np.int64(index)}
+
+
 def make_eval_dataset(source: Any, *, resolution: int, host_batch_size: int,
                       shard_index: int = 0, shard_count: int = 1,
-                      num_workers: int = 0,
-                      read_threads: int = 8) -> grain.IterDataset:
-  """One pass over this host's shard, center crops, padded (see `mask`)."""
+                      num_workers: int = 0, read_threads: int = 8,
+                      num_examples: int = 0) -> grain.IterDataset:
+  """A split read once, in source order: this host's shard, padded batches.
+
+  The one eval reader (module docstring). `transforms.EvalPreprocess` (shorter
+  side to R, center crop); undecodable images are skipped and counted in
+  `num_skipped`. Every host yields `num_eval_batches` batches, the last ones
+  padded (`mask` False, `image` 0, `index` -1) so that hosts stay in
+  lock-step; `index` is a row's position in `source`, which survives the
+  skipping. `shard_for_host` blocks make the hosts' k-th batches, in process
+  order, one host's k-th batch. `num_examples` > 0 reads only the first ones.
+  """
   ds = grain.MapDataset.source(source)
-  ds = shard_for_host(ds, shard_index, shard_count, host_batch_size)
-  ds = ds.map(transforms.EvalPreprocess(resolution))
+  if num_examples < 0:
+    raise ValueError(f'num_examples={num_examples} must be >= 0 (0: all).')
+  if num_examples:
+    ds = ds[:num_examples]
+  num_batches = num_eval_batches(len(ds), host_batch_size, shard_count)
+  # Lazy: each host still decodes only the elements of its shard.
+  ds = shard_for_host(ds.map_with_index(_EvalElement(resolution)),
+                      shard_index, shard_count, host_batch_size)
   return SkipAndBatchDataset(
       _parallel(ds, num_workers, read_threads, host_batch_size),
-      host_batch_size, (resolution, resolution, 3),
-      num_batches=num_eval_batches(len(source), host_batch_size, shard_count))
+      host_batch_size, (resolution, resolution, 3), num_batches=num_batches,
+      with_index=True)
 
 
 def make_global_batch(host_batch: Mapping[str, Any], mesh: jax.sharding.Mesh,

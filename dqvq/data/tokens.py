@@ -32,9 +32,8 @@ import os
 import shlex
 import shutil
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
-import grain
 import jax
 import ml_collections
 import numpy as np
@@ -44,7 +43,6 @@ from dqvq import sharding
 from dqvq.data import pipeline
 from dqvq.data import sources as sources_lib
 from dqvq.data import tfds_compat
-from dqvq.data import transforms
 from dqvq.models import granularity as grain_lib
 
 METADATA_FILE = 'dqvq_tokens.json'
@@ -124,26 +122,16 @@ class _Encoder:
 
 
 def _image_batches(source: Any, resolution: int, batch_size: int,
-                   threads: int = 8
-                   ) -> Iterator[tuple[dict[str, np.ndarray], int]]:
-  """(batch, real rows): batch k holds source indices [k B, (k+1) B), padded.
+                   threads: int = 8) -> Iterable[dict[str, np.ndarray]]:
+  """The split once, in order: `pipeline.make_eval_dataset` on one host.
 
-  The eval transform is `transforms.EvalPreprocess`, so the pixels are the
-  ones stage-1 evaluation sees; 'valid' marks decodable images. PIL releases
-  the GIL, so `threads` decode in parallel.
+  The pixels stage-1 evaluation sees; undecodable images are skipped (counted
+  in 'num_skipped') and 'index' keeps each row's source position. Writer and
+  verifier read through here, so they encode identical batches.
   """
-  prep = transforms.EvalPreprocess(resolution)
-  ds = grain.MapDataset.source(source).map_with_index(
-      lambda i, e: {**prep.map(e), 'index': np.int64(i)})
-  ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=threads, prefetch_buffer_size=2 * batch_size))
-  for batch in ds.batch(batch_size):
-    n = len(batch['index'])
-    pad = batch_size - n
-    batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
-             for k, v in batch.items()}
-    batch['image'] = transforms.to_model_range(batch['image'])
-    yield batch, n
+  return pipeline.make_eval_dataset(source, resolution=resolution,
+                                    host_batch_size=batch_size,
+                                    read_threads=threads)
 
 
 class DqvqTokens(tfds_compat.ModuleCodePath, tfds.core.GeneratorBasedBuilder):
@@ -241,10 +229,11 @@ def write_token_dataset(tokenizer: Any, out_dir: str, *,
 
   def examples(split: str, source: Any) -> Iterator[tuple[int, dict]]:
     start, seen, skipped, lengths = time.time(), 0, 0, []
-    for step, (batch, n) in enumerate(
+    for step, batch in enumerate(
         _image_batches(source, resolution, batch_size, threads)):
-      keep = np.flatnonzero(batch['valid'][:n])
-      skipped += n - len(keep)
+      keep = np.flatnonzero(batch['mask'])
+      skipped += int(batch['num_skipped'])
+      seen += len(keep) + int(batch['num_skipped'])
       toks = {'': encoder(batch['image'])}
       if flip:
         toks['_flipped'] = encoder(np.ascontiguousarray(
@@ -257,7 +246,6 @@ def write_token_dataset(tokenizer: Any, out_dir: str, *,
           ex['codes' + suffix] = t['codes'][i].astype(code_dtype)
           ex['grain_map' + suffix] = t['grain_map'][i].astype(np.uint8)
         yield int(ex['index']), ex
-      seen += n
       if step % 50 == 0 or seen == len(source):
         print(f'{split}: {seen}/{len(source)} images, '
               f'{seen / max(time.time() - start, 1e-9):.1f} images/s',
@@ -349,8 +337,7 @@ def verify_token_dataset(tokenizer: Any, tokens_dir: str,
   exact = (encoder.num_devices == meta['encode_devices'] and
            jax.default_backend() == meta['platform'])
   differ = total = 0
-  for batch, _ in _image_batches(source, meta['resolution'],
-                                 meta['batch_size']):
+  for batch in _image_batches(source, meta['resolution'], meta['batch_size']):
     if not wanted:
       break
     toks = {'': encoder(batch['image'])}
@@ -358,7 +345,7 @@ def verify_token_dataset(tokenizer: Any, tokens_dir: str,
       toks['_flipped'] = encoder(np.ascontiguousarray(
           batch['image'][:, :, ::-1]))
     for row, index in enumerate(batch['index']):
-      ex = wanted.pop(int(index), None)  # Stored rows are all valid images.
+      ex = wanted.pop(int(index), None)  # None for padding (-1) and unstored
       if ex is None:
         continue
       for key in ('codes', 'grain_map'):

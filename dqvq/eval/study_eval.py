@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dqvq.models import dqvae
 from dqvq import visualize
 from dqvq.data import pipeline
 from dqvq.eval import allocation
 from dqvq.eval import coding
 from dqvq.models import router as router_lib
-from dqvq.trainers import optim as common
 
 Array = jax.Array
 
@@ -39,7 +39,7 @@ class Model:
       config = config.copy_and_resolve_references()
       config.model.router_inference = router_inference
     self.config = config
-    self.vae = common.build_dqvae(config.model)
+    self.vae = dqvae.from_config(config.model)
     self.variables = {'params': state.params, 'codebook': state.codebook}
     self.factors = tuple(self.vae.grain_factors)
     vae, v = self.vae, self.variables

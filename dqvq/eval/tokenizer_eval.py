@@ -22,7 +22,6 @@ reconstructions alone. `resolve_data` picks the evaluated images for both.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any, Callable, Iterable, Sequence
 
@@ -30,6 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from dqvq import sequence
 from dqvq import sharding
 from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq.data import sources as sources_lib
@@ -82,19 +82,6 @@ def coarse_only_tokenizer(tok: tokenizer_lib.Tokenizer
   if tok.vae.router == 'entropy':
     return tok.replace(vae=tok.vae.clone(entropy_thresholds=None))
   return tok
-
-
-def bits_per_image(code_length_mean: float, codebook_size: int,
-                   num_regions: int, num_grains: int) -> dict[str, float]:
-  """Mean bits per image: codes at log2(codebook) + the grain map.
-
-  The grain map costs log2(num_grains) bits per region (0 for one grain),
-  what a decoder needs to place variable-length codes.
-  """
-  codes = code_length_mean * math.log2(codebook_size)
-  grain_map = num_regions * math.log2(num_grains) if num_grains > 1 else 0.0
-  return {'bits_per_image': codes + grain_map, 'bits_codes': codes,
-          'bits_grain_map': grain_map}
 
 
 def check_weights(path: str, kind: str) -> str:
@@ -333,7 +320,7 @@ def _figures(tok: tokenizer_lib.Tokenizer, b: _Budget,
   regions = int(np.asarray(jax.device_get(b.coding['grain_counts'])).sum()
                 / max(fig['num_images'], 1.0))
   fig['regions_per_image'] = float(regions)
-  fig.update(bits_per_image(fig['code_length_mean'], vae.codebook_size,
+  fig.update(sequence.bits_per_image(fig['code_length_mean'], vae.codebook_size,
                             regions, len(factors)))
   if b.features is not None and reference is not None:
     fig['rfid'], note = generator_eval.frechet_or_note(reference, b.features)
@@ -350,5 +337,5 @@ def _figures(tok: tokenizer_lib.Tokenizer, b: _Budget,
 
 
 __all__ = ['budget_grain_ratios', 'coarse_only_ratios', 'coarse_only_tokenizer',
-           'bits_per_image', 'check_weights', 'validate_ratios', 'lpips_setup',
+           'check_weights', 'validate_ratios', 'lpips_setup',
            'resolve_data', 'make_step', 'evaluate_tokenizer']

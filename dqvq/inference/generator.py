@@ -14,21 +14,26 @@ import dataclasses
 import functools
 import numbers
 import os
+import time
 from typing import Any, Callable, Iterator, Sequence
 
+from absl import logging
 import jax
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
+import tqdm
 
-from dqvq.inference import bundle as bundle_lib
 from dqvq import checkpoint as ckpt_lib
+from dqvq import config_lib
 from dqvq import sampling
 from dqvq import sequence
 from dqvq import sharding
+from dqvq import visualize
+from dqvq.inference import bundle as bundle_lib
 from dqvq.inference import tokenizer as tokenizer_lib
-from dqvq.trainers import stage2
+from dqvq.models import transformer as transformer_lib
 
 
 def decode_streams(tok: tokenizer_lib.Tokenizer, content: jax.Array,
@@ -236,9 +241,22 @@ def _check_count(name: str, value: Any, least: int, want: str) -> None:
     raise ValueError(f'{name}={value!r}; give {want}.')
 
 
-def _abstract_params(models: stage2.Stage2Models) -> Any:
-  return jax.eval_shape(lambda r: stage2.init_state(models, r),
-                        jax.random.key(0)).params
+def build_model(config: ml_collections.ConfigDict,
+                tok: tokenizer_lib.Tokenizer
+                ) -> tuple[transformer_lib.DQTransformer, sequence.StreamLayout]:
+  """The DQ-Transformer a stage-2 config trains over `tok`, and its layout."""
+  layout = sequence.layout_from_config(config, tok.vae)
+  model = transformer_lib.from_config(config.model, layout,
+                                      config_lib.compute_dtype(config))
+  return model, layout
+
+
+def _replicated_params(model: transformer_lib.DQTransformer,
+                       mesh: jax.sharding.Mesh) -> Any:
+  abstract = {'params': transformer_lib.abstract_params(model)}
+  replicated = sharding.replicated(mesh)
+  return sharding.with_shardings(
+      abstract, jax.tree.map(lambda _: replicated, abstract))
 
 
 def _tokenizer_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -283,19 +301,12 @@ def load_run(workdir: str | None = None, checkpoint: str | None = None,
   if config.get('stage') != 2:
     raise ValueError(f'{workdir} step {step} is not a stage-2 run.')
   tok = tokenizer_lib.load_stage1(_tokenizer_workdir(config, workdir), mesh)
-  layout = stage2.build_layout(config, tok)
-  models = stage2.build_models(config, layout)
-  abstract = jax.eval_shape(lambda r: stage2.init_state(models, r),
-                            jax.random.key(0))
-  replicated = sharding.replicated(mesh)
-  target = sharding.with_shardings(
-      abstract, jax.tree.map(lambda _: replicated, abstract))
-  if checkpoint:
-    state, _ = ckpt.restore_step(step, target)
-  else:
-    state, step, _ = ckpt.restore_latest(target)
+  model, layout = build_model(config, tok)
+  # Only the params: the optimizer state is neither built nor read.
+  variables, step = ckpt.restore_fields(_replicated_params(model, mesh),
+                                        step if checkpoint else None)
   ckpt.close()
-  return Generator(models.model, state.params, layout, tok, config, mesh,
+  return Generator(model, variables['params'], layout, tok, config, mesh,
                    step=step)
 
 
@@ -318,13 +329,47 @@ def load_bundle(path: str, mesh: jax.sharding.Mesh | None = None
   tok = tokenizer_lib.load_bundle(os.path.join(manifest['path'], 'tokenizer'),
                                   mesh)
   config.tokenizer.workdir = tok.workdir
-  layout = stage2.build_layout(config, tok)
-  models = stage2.build_models(config, layout)
+  model, layout = build_model(config, tok)
   variables = bundle_lib.restore_variables(
-      path, {'params': _abstract_params(models)}, mesh)
-  return Generator(models.model, variables['params'], layout, tok, config,
-                   mesh, step=int(manifest['meta'].get('step', 0)))
+      path, {'params': transformer_lib.abstract_params(model)}, mesh)
+  return Generator(model, variables['params'], layout, tok, config, mesh,
+                   step=int(manifest['meta'].get('step', 0)))
+
+
+def sample_to_dir(gen: Generator, out: str, num_images: int, *,
+                  config: sampling.SamplingConfig | None = None,
+                  class_labels: Sequence[int] = (), batch_size: int = 0
+                  ) -> dict[str, np.ndarray]:
+  """Samples `num_images` into `out`: images/, previews/, grids, tokens.npz.
+
+  What `python -m dqvq.sample` and the end of a stage-2 run write. Every
+  process samples its shard; process 0 writes the files.
+  """
+  start = time.time()
+  with tqdm.tqdm(total=num_images, unit='img', desc='sampling') as bar:
+    res = gen.sample(num_images, class_labels=class_labels, config=config,
+                     batch_size=batch_size, on_batch=bar.update)
+  seconds = time.time() - start
+  if jax.process_index() != 0:
+    return res
+  images = visualize.to_uint8(res['image'])
+  previews = visualize.to_uint8(res['preview'])
+  for i in range(num_images):
+    visualize.save_png(os.path.join(out, 'images', f'{i:05d}.png'), images[i])
+    visualize.save_png(os.path.join(out, 'previews', f'{i:05d}.png'),
+                       previews[i])
+  visualize.save_png(os.path.join(out, 'grid.png'),
+                     visualize.image_grid(images))
+  visualize.save_png(os.path.join(out, 'preview_grid.png'),
+                     visualize.image_grid(previews))
+  np.savez(os.path.join(out, 'tokens.npz'),
+           **{k: v for k, v in res.items() if k not in ('image', 'preview')})
+  logging.info('%d images in %.1fs (%.2f images/s, %.1f codes/image; '
+               'complete: %s) -> %s', num_images, seconds,
+               num_images / seconds, float(np.mean(res['num_codes'])),
+               bool(np.all(res['writes'] == 1)), out)
+  return res
 
 
 __all__ = ['Generator', 'SampledBatch', 'load_run', 'load_bundle',
-           'save_bundle']
+           'save_bundle', 'sample_to_dir', 'build_model']

@@ -210,7 +210,6 @@ def bits_table(gen: Any, coded: Sequence[stream_coder.Coded],
   regions x log2 K, the count the README's tables give), 'num_codes' and
   'bpp' (file bits per pixel).
   """
-  from dqvq.eval import tokenizer_eval  # pylint: disable=g-import-not-at-top
   lay = gen.layout
   out = {
       'file_bits': np.array([8 * len(c.data) for c in coded]),
@@ -218,7 +217,7 @@ def bits_table(gen: Any, coded: Sequence[stream_coder.Coded],
       'position_bits': np.array([c.position_bits for c in coded]),
       'content_bits': np.array([c.content_bits for c in coded]),
       'num_codes': np.asarray(num_codes),
-      'fixed_rate_bits': np.array([tokenizer_eval.bits_per_image(
+      'fixed_rate_bits': np.array([sequence.bits_per_image(
           n, lay.codebook_size, lay.num_cells[0], lay.num_grains)[
               'bits_per_image'] for n in num_codes])}
   out['payload_bits'] = out['file_bits'] - out['header_bits']

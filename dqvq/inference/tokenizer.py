@@ -20,12 +20,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dqvq.models import dqvae
 from dqvq.inference import bundle as bundle_lib
 from dqvq import checkpoint as ckpt_lib
 from dqvq.cpu import tuning as cpu_tuning
 from dqvq import sharding
-from dqvq.trainers import optim as common
-from dqvq.trainers import stage1
 
 Array = jax.Array
 
@@ -196,7 +195,7 @@ def _stage1_config(meta_config: dict[str, Any],
 
 def abstract_variables(config: ml_collections.ConfigDict) -> Any:
   """Shapes of the DQ-VAE's inference variables {'params', 'codebook'}."""
-  vae = common.build_dqvae(config.model)
+  vae = dqvae.from_config(config.model)
   res = config.data.resolution
   rngs = {k: jax.random.key(0)
           for k in ('params', 'gumbel', 'restart', 'router', 'dropout')}
@@ -208,7 +207,7 @@ def _inference_vae(config: ml_collections.ConfigDict,
                    mesh: jax.sharding.Mesh | None) -> Any:
   """The DQ-VAE for the devices it will run on (`dqvq.cpu.tuning`)."""
   devices = mesh.devices.flat if mesh is not None else jax.devices()
-  return common.build_dqvae(config.model,
+  return dqvae.from_config(config.model,
                             cpu_kernels=cpu_tuning.cpu_kernels(devices))
 
 
@@ -275,21 +274,19 @@ def load_stage1(workdir: str, mesh: jax.sharding.Mesh | None = None
   if config.get('stage', 1) != 1:
     raise ValueError(f'{workdir} is a stage-{config.stage} run, not a '
                      'tokenizer (stage 1).')
-  models = stage1.build_models(config)
   mesh = mesh or sharding.create_mesh()
-  res = config.data.resolution
-  abstract = jax.eval_shape(lambda r: stage1.init_state(
-      models, r, (1, res, res, 3)), jax.random.key(0))
+  abstract = abstract_variables(config)
   replicated = sharding.replicated(mesh)
   target = sharding.with_shardings(
       abstract, jax.tree.map(lambda _: replicated, abstract))
-  restored = checkpointer.restore_latest(target)
+  # Only what inference uses: no optimizer, discriminator or LPIPS is built.
+  variables, step = checkpointer.restore_fields(target)
   checkpointer.close()
-  state, step, _ = restored
   vae = _inference_vae(config, mesh)
-  return Tokenizer(params=state.params, codebook=state.codebook, vae=vae,
-                   config=config, step=step, workdir=os.path.abspath(workdir),
-                   fingerprint=fingerprint((state.params, state.codebook)))
+  params, codebook = variables['params'], variables['codebook']
+  return Tokenizer(params=params, codebook=codebook, vae=vae, config=config,
+                   step=step, workdir=os.path.abspath(workdir),
+                   fingerprint=fingerprint((params, codebook)))
 
 
 __all__ = ['Tokenizer', 'load_stage1', 'load_bundle', 'save_bundle',

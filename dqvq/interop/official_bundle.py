@@ -12,13 +12,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from dqvq import sharding
 from dqvq.inference import bundle as bundle_lib
 from dqvq.inference import generator as generator_lib
-from dqvq.interop import official
-from dqvq import sharding
 from dqvq.inference import tokenizer as tokenizer_lib
-from dqvq.trainers import optim as common
-from dqvq.trainers import stage2
+from dqvq.interop import official
+from dqvq.models import dqvae
+from dqvq.models import transformer as transformer_lib
 
 
 def _report(kind: str, config: Any, table: Sequence[official.Entry],
@@ -63,7 +63,7 @@ def convert_dqvae(sd: Mapping[str, np.ndarray], out: str, *, source: str = '',
   v = official.from_official(sd, table)
   tok = tokenizer_lib.Tokenizer(
       params=v['params'], codebook=v['codebook'],
-      vae=common.build_dqvae(config.model), config=config, step=step,
+      vae=dqvae.from_config(config.model), config=config, step=step,
       fingerprint=tokenizer_lib.fingerprint((v['params'], v['codebook'])),
       workdir=source)
   report = _report('dqvae', config, table, shapes)
@@ -108,18 +108,17 @@ def convert_transformer(sd: Mapping[str, np.ndarray], out: str,
   config = official.transformer_config(shapes, tok.config, num_heads=num_heads,
                               official_config=official_config)
   config.tokenizer.workdir = tok.workdir
-  layout = stage2.build_layout(config, tok)
-  models = stage2.build_models(config, layout)
-  table = official.entries({'params': generator_lib._abstract_params(models)},  # pylint: disable=protected-access
-                  'transformer')
+  model, layout = generator_lib.build_model(config, tok)
+  table = official.entries(
+      {'params': transformer_lib.abstract_params(model)}, 'transformer')
   masks = official.mask_spec(config)
   official.check_state_dict(shapes, official.official_spec(table), 'official StackGPT',
                    optional=masks, ignore_prefixes=('first_stage_model.',))
   official.check_masks(sd, masks)
   _check_first_stage(sd, tok)
   gen = generator_lib.Generator(
-      models.model, official.from_official(sd, table)['params'], layout, tok, config,
-      sharding.create_mesh(), step=step)
+      model, official.from_official(sd, table)['params'], layout, tok,
+      config, sharding.create_mesh(), step=step)
   report = {**_report('transformer', config, table, shapes), 'source': source}
   return generator_lib.save_bundle(gen, out, report), report
 

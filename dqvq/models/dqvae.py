@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from dqvq.models import decoder as decoder_lib
 from dqvq.models import encoder as encoder_lib
@@ -391,3 +392,23 @@ def tiny_kwargs(variant: str = 'feature_dual') -> dict[str, Any]:
   return {**kw, 'ch': 32, 'num_res_blocks': 1, 'z_channels': 32,
           'dec_ch': 32, 'dec_num_res_blocks': 0, 'codebook_size': 64,
           'codebook_dim': 32}
+
+
+def from_config(model_config: ml_collections.ConfigDict, dtype: Any = None,
+                cpu_kernels: bool = False) -> DQVAE:
+  """The DQVAE of a `config.model`, validated; unknown fields named.
+
+  The one way a config becomes this model (trainer, tokenizer, converter).
+  `cpu_kernels` is the run's platform decision (`dqvq.cpu.tuning`), not a
+  config field: a config means the same model on every platform.
+  """
+  kwargs = {k: tuple(v) if isinstance(v, list) else v
+            for k, v in model_config.to_dict().items()}
+  known = set(DQVAE.__dataclass_fields__) - set(NON_CONFIG_FIELDS)
+  unknown = sorted(set(kwargs) - known)
+  if unknown:
+    raise ValueError(f'Unknown config.model fields {unknown}; DQVAE takes '
+                     f'{sorted(known)}.')
+  model = DQVAE(**kwargs, dtype=dtype, cpu_kernels=cpu_kernels)
+  model.validate()
+  return model

@@ -23,21 +23,17 @@ Params hold the BatchNorm running statistics too (inference only), and are
 the PyTorch state dict renamed: `X.conv.weight` (O, I, H, W) -> `X/conv/kernel`
 (H, W, I, O); `X.bn.{weight, bias, running_mean, running_var}` ->
 `X/bn/{scale, bias, mean, var}`; `fc.weight` (1008, 2048) -> `fc/kernel`
-(2048, 1008); `fc.bias` -> `fc/bias`.
+(2048, 1008); `fc.bias` -> `fc/bias` (the map: `dqvq.interop.pretrained`).
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import hashlib
 import logging
 import os
-import sys
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -322,100 +318,3 @@ def load_inception_params(path_or_random: str, *,
         lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
   check_inception_params(params, where)
   return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
-
-
-# Flax leaf name -> PyTorch suffix, for BatchNorm and the fc layer.
-_BN_NAMES = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
-             'var': 'running_var'}
-
-
-def _torch_layout() -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
-  """PyTorch name -> (Flax path, PyTorch shape), derived from the module."""
-  layout = {}
-  for path, leaf in traverse_util.flatten_dict(
-      abstract_inception_params()).items():
-    *mods, name = path
-    s = leaf.shape
-    if mods[-1] == 'conv':  # kernel (H, W, I, O) <- weight (O, I, H, W)
-      layout['.'.join(mods) + '.weight'] = (path, (s[3], s[2], s[0], s[1]))
-    elif mods[-1] == 'bn':
-      layout['.'.join(mods) + '.' + _BN_NAMES[name]] = (path, s)
-    elif name == 'kernel':  # fc: (in, out) <- (out, in)
-      layout['.'.join(mods) + '.weight'] = (path, s[::-1])
-    else:
-      layout['.'.join(mods) + '.' + name] = (path, s)
-  return layout
-
-
-def inception_params_from_state_dict(
-    sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
-  """Maps pytorch-fid's FID Inception state dict to FIDInception params.
-
-  `*.num_batches_tracked` BatchNorm counters are accepted and dropped.
-
-  Raises:
-    ValueError: naming every missing, unexpected or mis-shaped key.
-  """
-  from dqvq import convert  # pylint: disable=g-import-not-at-top
-  layout = _torch_layout()
-  sd = {k: v for k, v in sd.items() if not (
-      k.endswith('.num_batches_tracked') and
-      k[:-len('num_batches_tracked')] + 'running_mean' in layout)}
-  expected = {k: shape for k, (_, shape) in layout.items()}
-  try:
-    # pylint: disable-next=protected-access
-    convert._check_keys(sd, expected, (), 'FID InceptionV3 (--weights)')
-  except ValueError as e:
-    if any(k.startswith('AuxLogits.') for k in sd):
-      raise ValueError(
-          f"{e}. These look like torchvision's ImageNet Inception weights; "
-          f'FID needs pytorch-fid\'s {WEIGHTS_FILE}.') from e
-    raise
-  flat = {}
-  for key, (path, _) in layout.items():
-    w = np.asarray(sd[key], np.float32)
-    if path[-2] == 'conv':
-      w = convert.conv_kernel(w)
-    elif path[-1] == 'kernel':
-      w = np.ascontiguousarray(w.T)
-    flat[path] = w
-  return traverse_util.unflatten_dict(flat)
-
-
-def _sha256(path: str) -> str:
-  with open(path, 'rb') as f:
-    return hashlib.file_digest(f, 'sha256').hexdigest()
-
-
-def _inception_command(args: argparse.Namespace) -> int:
-  from dqvq import convert  # pylint: disable=g-import-not-at-top
-  out = os.path.abspath(args.out)
-  if os.path.exists(out):
-    raise FileExistsError(f'--out {out} already exists; pick a new directory')
-  params = inception_params_from_state_dict(
-      convert.read_state_dict(args.weights))
-  if not args.weights.endswith('.npz'):
-    digest = _sha256(args.weights)
-    if digest != WEIGHTS_SHA256:
-      # Same names and shapes but other values: FID would silently differ.
-      print(f'warning: {args.weights} has sha256 {digest[:12]}..., not that '
-            f'of {WEIGHTS_FILE} ({WEIGHTS_SHA256[:12]}...); FID / IS will not '
-            'be comparable with published numbers.', file=sys.stderr)
-  save_inception_params(params, out)
-  print(f'wrote FID Inception params to {out}')
-  return 0
-
-
-# pylint: disable-next=protected-access
-def add_convert_subcommand(sub: argparse._SubParsersAction) -> None:
-  """Registers `python -m dqvq.convert inception --weights W --out DIR`."""
-  p = sub.add_parser(
-      'inception', help=f'pytorch-fid {WEIGHTS_FILE} -> FID Inception Orbax '
-      'params', description=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--weights', required=True,
-                 help=f'FID Inception state dict (.pth or .npz): '
-                 f'{WEIGHTS_FILE}')
-  p.add_argument('--out', required=True,
-                 help='output Orbax checkpoint directory (must not exist)')
-  p.set_defaults(func=_inception_command)

@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dqvq import sequence
+from dqvq.models import attention
 from dqvq.models import granularity as grain_lib
 
 Array = jax.Array
@@ -73,122 +74,6 @@ LOGICAL_AXIS_RULES = (('embed', 'fsdp'), ('mlp', None), ('heads', None),
 INPUT_LAYER_FIELDS = ('content_sharing', 'position_sharing',
                       'granularity_embedding', 'absolute_position_embedding')
 SHARING = ('shared', 'non_shared')
-
-
-def _init(names: tuple[str | None, ...], init=nn.initializers.normal(0.02)):
-  return nn.with_logical_partitioning(init, names)
-
-
-def _dense(features: int, names: tuple[str, str], name: str, dtype: Any,
-           use_bias: bool = True) -> nn.Dense:
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
-                  kernel_init=_init(names),
-                  bias_init=nn.with_logical_partitioning(
-                      nn.initializers.zeros, (names[1],)))
-
-
-def _layer_norm(name: str, dtype: Any) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=1e-5, dtype=dtype, name=name,
-                      scale_init=nn.with_logical_partitioning(
-                          nn.initializers.ones, ('embed',)),
-                      bias_init=nn.with_logical_partitioning(
-                          nn.initializers.zeros, ('embed',)))
-
-
-def attention_mask(key_pad: Array) -> Array:
-  """(B, 1, T, T) causal mask that also hides pad keys."""
-  t = key_pad.shape[1]
-  causal = jnp.tril(jnp.ones((t, t), bool))
-  return causal[None, None] & ~key_pad[:, None, None, :]
-
-
-class SelfAttention(nn.Module):
-  """Multi-head causal self-attention with separate q/k/v (official names).
-
-  With `cache` (the decode path) `x` is one new token per sample: its key and
-  value are written at `slot` of the (keys, values) cache and its query
-  attends over the cache, `mask` being (B, T) valid keys (written, not pad).
-  The same q/k/v/proj layers run either way, so params are shared.
-  """
-  num_heads: int
-  dropout: float = 0.0
-  dtype: Any = None
-
-  @nn.compact
-  def __call__(self, x: Array, mask: Array, train: bool,
-               cache: tuple[Array, Array] | None = None,
-               slot: Array | None = None) -> Any:
-    b, t, e = x.shape
-    d = e // self.num_heads
-    split = lambda y: y.reshape(b, t, self.num_heads, d)
-    q, k, v = (split(_dense(e, ('embed', 'heads'), n, self.dtype)(x))
-               for n in ('query', 'key', 'value'))
-    if cache is not None:
-      # Cache layout (B, H, T, D): heads lead, so the single-query products
-      # are plain batched matmuls with no transpose of the whole cache.
-      heads_first = lambda y: jnp.swapaxes(y, 1, 2)
-      keys = jax.lax.dynamic_update_slice_in_dim(
-          cache[0], heads_first(k).astype(cache[0].dtype), slot, axis=2)
-      values = jax.lax.dynamic_update_slice_in_dim(
-          cache[1], heads_first(v).astype(cache[1].dtype), slot, axis=2)
-      out = _single_query_attention(q, keys, values, mask)
-      proj = _dense(e, ('heads', 'embed'), 'proj', self.dtype)
-      return proj(out.reshape(b, t, e)), (keys, values)
-    if train and self.dropout > 0:
-      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(d).astype(q.dtype)
-      logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-      probs = jax.nn.softmax(logits.astype(jnp.float32), -1).astype(v.dtype)
-      probs = nn.Dropout(self.dropout)(probs, deterministic=False)
-      out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
-    else:
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    return _dense(e, ('heads', 'embed'), 'proj', self.dtype)(
-        out.reshape(b, t, e))
-
-
-def _single_query_attention(q: Array, keys: Array, values: Array,
-                            key_valid: Array) -> Array:
-  """q (B, 1, H, D) over a (B, H, T, D) cache; key_valid (B, T) bool.
-
-  The explicit softmax of `jax.nn.dot_product_attention`'s XLA path (scale,
-  masked logits, float32 softmax), so decoding matches the full forward to
-  float rounding. Returns (B, 1, H, D).
-  """
-  d = q.shape[-1]
-  logits = jnp.einsum('bqhd,bhkd->bhqk', q, keys.astype(q.dtype))
-  logits = logits.astype(jnp.float32) / jnp.sqrt(jnp.float32(d))
-  logits = jnp.where(key_valid[:, None, None, :], logits,
-                     jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, -1).astype(values.dtype)
-  return jnp.einsum('bhqk,bhkd->bqhd', probs, values).astype(q.dtype)
-
-
-class Block(nn.Module):
-  """minGPT pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x))."""
-  num_heads: int
-  mlp_ratio: int = 4
-  attn_dropout: float = 0.0
-  resid_dropout: float = 0.0
-  dtype: Any = None
-
-  @nn.compact
-  def __call__(self, x: Array, mask: Array, train: bool,
-               cache: tuple[Array, Array] | None = None,
-               slot: Array | None = None) -> Any:
-    """Full forward, or with `cache` one decode step -> (x, new cache)."""
-    e = x.shape[-1]
-    drop = lambda y: nn.Dropout(self.resid_dropout)(y, deterministic=not train)
-    attn = SelfAttention(self.num_heads, self.attn_dropout, self.dtype,
-                         name='attn')
-    h = attn(_layer_norm('ln1', self.dtype)(x), mask, train, cache, slot)
-    if cache is not None:
-      h, cache = h
-    x = x + drop(h)
-    h = _layer_norm('ln2', self.dtype)(x)
-    h = _dense(self.mlp_ratio * e, ('embed', 'mlp'), 'mlp_0', self.dtype)(h)
-    h = nn.gelu(h, approximate=False)
-    h = _dense(e, ('mlp', 'embed'), 'mlp_2', self.dtype)(h)
-    return x + drop(h) if cache is None else (x + drop(h), cache)
 
 
 class DQTransformer(nn.Module):
@@ -253,7 +138,7 @@ class DQTransformer(nn.Module):
     lay, e = self.layout, self.width
     embed = lambda n, name: nn.Embed(
         n, e, dtype=self.dtype, name=name,
-        embedding_init=_init(('vocab', 'embed')))
+        embedding_init=attention.init(('vocab', 'embed')))
     roles = [r or 'grain' for r in grain_lib.grain_role_names(lay.num_grains)]
     # One table serves every granularity (`_grain_lookup`), or one each.
     self.content_embs = (
@@ -270,10 +155,12 @@ class DQTransformer(nn.Module):
       self.seg_emb = embed(lay.num_grains, 'seg_emb')
     if self.absolute_position_embedding:
       self.pos_emb = self.param(
-          'pos_emb', _init((None, 'length', 'embed'), nn.initializers.zeros),
+          'pos_emb',
+          attention.init((None, 'length', 'embed'), nn.initializers.zeros),
           (1, self.block_size, e))
     # `train` (argument 3, counting self) is a Python bool: static.
-    block_cls = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
+    block_cls = (nn.remat(attention.Block, static_argnums=(3,)) if self.remat
+                 else attention.Block)
     block = lambda name: block_cls(self.num_heads, self.mlp_ratio,
                                    self.attn_dropout, self.resid_dropout,
                                    self.dtype, name=name)
@@ -281,11 +168,11 @@ class DQTransformer(nn.Module):
                             for i in range(self.position_layers)]
     self.content_blocks = [block(f'content_transformer_{i}')
                            for i in range(self.content_layers)]
-    self.position_head_ln = _layer_norm('position_head_ln', self.dtype)
-    self.position_head = _dense(lay.position_logits_size, ('embed', 'vocab'),
+    self.position_head_ln = attention.layer_norm('position_head_ln', self.dtype)
+    self.position_head = attention.dense(lay.position_logits_size, ('embed', 'vocab'),
                                 'position_head', self.dtype, use_bias=False)
-    self.content_head_ln = _layer_norm('content_head_ln', self.dtype)
-    self.content_head = _dense(lay.content_vocab_size, ('embed', 'vocab'),
+    self.content_head_ln = attention.layer_norm('content_head_ln', self.dtype)
+    self.content_head = attention.dense(lay.content_vocab_size, ('embed', 'vocab'),
                                'content_head', self.dtype, use_bias=False)
     self.embed_drop = nn.Dropout(self.embed_dropout)
 
@@ -357,7 +244,7 @@ class DQTransformer(nn.Module):
       (position_logits (B, T, position_logits_size),
        content_logits (B, T, content_vocab_size)), float32.
     """
-    mask = attention_mask(inputs['pad'])
+    mask = attention.attention_mask(inputs['pad'])
     x = self.embed_tokens(inputs['content'], inputs['position'],
                           inputs['grain'], inputs['pad'],
                           self.layout.absolute_index(inputs['pad']))
@@ -477,3 +364,39 @@ def tiny_kwargs() -> dict[str, Any]:
   return dict(width=32, num_heads=2, position_layers=1, content_layers=1,
               block_size=1024, mlp_ratio=4, embed_dropout=0.0,
               attn_dropout=0.0, resid_dropout=0.0)
+
+
+def from_config(model_config: Any, layout: sequence.StreamLayout,
+                dtype: Any = None) -> DQTransformer:
+  """The DQTransformer of a `config.model` over `layout`, validated.
+
+  The one way a config becomes this model: the trainer, the generator and
+  the official converter all build it here.
+  """
+  m = model_config
+  model = DQTransformer(
+      layout, width=m.width, num_heads=m.num_heads,
+      position_layers=m.position_layers, content_layers=m.content_layers,
+      block_size=m.block_size, mlp_ratio=m.mlp_ratio,
+      embed_dropout=m.embed_dropout, attn_dropout=m.attn_dropout,
+      resid_dropout=m.resid_dropout, dtype=dtype,
+      remat=bool(m.get('remat', False)), **input_layer_kwargs(m))
+  model.validate()
+  return model
+
+
+def init_variables(model: DQTransformer, rng: Array) -> Any:
+  """Boxed (logically partitioned) variables, from one dummy sequence."""
+  t = model.layout.length - 1
+  ints = jnp.zeros((1, t), jnp.int32)
+  x = {'content': ints, 'position': ints, 'grain': ints,
+       'pad': jnp.zeros((1, t), bool)}
+  return model.init({'params': rng, 'dropout': rng}, x, x['position'],
+                    x['grain'])
+
+
+def abstract_params(model: DQTransformer) -> Any:
+  """Shapes of the unboxed params (what a checkpoint restores into)."""
+  return jax.eval_shape(
+      lambda r: nn.unbox(init_variables(model, r)['params']),
+      jax.random.key(0))

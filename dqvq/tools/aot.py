@@ -107,9 +107,10 @@ def _stage_parts(config: Any, mesh: Any, grain_factors: Sequence[int],
               if stage1.uses_lpips(config) else None)
     return (lambda s, x, f: stage1.train_step(models, s, x, f), abstract,
             shardings, batch, frozen)
+  from dqvq import sequence  # pylint: disable=g-import-not-at-top
   from dqvq.trainers import stage2  # pylint: disable=g-import-not-at-top
   tok = _tokenizer_shape(config, grain_factors, codebook_size)
-  layout = stage2.build_layout(config, tok)
+  layout = sequence.layout_from_config(config, tok.vae)
   models = stage2.build_models(config, layout)
   abstract = jax.eval_shape(lambda r: stage2.init_state(models, r), key)
   shardings = stage2.state_shardings(models, mesh, abstract)
@@ -135,12 +136,12 @@ def check(config: Any, devices: Sequence[Any], *, data: int = -1,
   """
   # pylint: disable=g-import-not-at-top
   import jax
-  from dqvq import config_lib
+  from dqvq.trainers import checks
   from dqvq import sharding
   from dqvq.cpu import tuning as cpu_tuning
   from dqvq.cpu import fast_conv
   # pylint: enable=g-import-not-at-top
-  config_lib.validate_config(config, num_devices=len(devices),
+  checks.validate_config(config, num_devices=len(devices),
                               tokenizer_ready=config.stage == 1)
   fsdp = config.mesh.fsdp if fsdp is None else fsdp
   mesh = sharding.create_mesh(data, fsdp, devices=devices)

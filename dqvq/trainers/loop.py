@@ -34,12 +34,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from dqvq import checkpoint as ckpt_lib
-from dqvq import config_lib
+from dqvq.trainers import checks
 from dqvq import metrics as metrics_lib
 from dqvq import sharding
 from dqvq import visualize
 from dqvq.data import pipeline
-from dqvq.trainers import optim as common
+from dqvq.trainers import task as task_lib
 from dqvq.trainers import stage1
 
 
@@ -48,7 +48,7 @@ def device_batch(host_batch, mesh, keys) -> dict[str, jax.Array]:
   return pipeline.make_global_batch({k: host_batch[k] for k in keys}, mesh)
 
 
-def evaluate(task: common.Task, state, eval_fn, mesh,
+def evaluate(task: task_lib.Task, state, eval_fn, mesh,
              config) -> dict[str, float]:
   """One pass over the eval split (or num_eval_batches of it)."""
   total = None
@@ -63,14 +63,14 @@ def evaluate(task: common.Task, state, eval_fn, mesh,
 
 
 def make_task(config: ml_collections.ConfigDict, workdir: str,
-              mesh: jax.sharding.Mesh) -> common.Task:
+              mesh: jax.sharding.Mesh) -> task_lib.Task:
   if config.stage == 1:
     return stage1.make_task(config, workdir, mesh)
   from dqvq.trainers import stage2  # pylint: disable=g-import-not-at-top
   return stage2.make_task(config, workdir, mesh)
 
 
-def write_pictures(task: common.Task, state, host_batch, writer, step: int,
+def write_pictures(task: task_lib.Task, state, host_batch, writer, step: int,
                    workdir: str, config: ml_collections.ConfigDict) -> None:
   panel = task.pictures(state, host_batch, task.frozen, step)
   if panel is None:
@@ -124,7 +124,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
   Raises:
     DivergenceError: the run diverged; nothing diverged was saved.
   """
-  config_lib.validate_config(config)
+  checks.validate_config(config)
   # Before the data, the models and the compiles: an unwritable workdir
   # would otherwise surface only at the first summary or checkpoint.
   ckpt_lib.check_writable(workdir, ckpt_lib.checkpoint_dir(workdir))
@@ -193,7 +193,7 @@ def _close(checkpointer: ckpt_lib.Checkpointer,
 
 
 def _loop(config: ml_collections.ConfigDict, workdir: str,
-          task: common.Task, state: Any, mesh: jax.sharding.Mesh,
+          task: task_lib.Task, state: Any, mesh: jax.sharding.Mesh,
           shardings: Any, train_iter: Any,
           checkpointer: ckpt_lib.Checkpointer,
           writer: metrics_lib.MetricWriter, guard: ckpt_lib.DivergenceGuard,

@@ -1,5 +1,4 @@
-"""Pieces both stages share: dtypes, learning-rate schedule, optimizers, and
-the `Task` a stage hands the shared loop.
+"""The learning-rate schedule and optimizers both stages share.
 
 The schedule is the official `Scheduler_LinearWarmup_CosineDecay`: a linear
 warm-up from 0 (so the very first update uses lr 0, as LambdaLR does), then a
@@ -10,7 +9,6 @@ official `base_learning_rate * global_batch_size` when
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Callable
 
@@ -19,39 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from dqvq.models import dqvae
-
 Array = jax.Array
-
-COMPUTE_DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}
-
-
-def compute_dtype(config: ml_collections.ConfigDict) -> Any:
-  name = config.get('compute_dtype', 'float32')
-  if name not in COMPUTE_DTYPES:
-    raise ValueError(f'compute_dtype={name!r}; choose one of '
-                     f'{tuple(COMPUTE_DTYPES)}.')
-  return COMPUTE_DTYPES[name]
-
-
-def build_dqvae(model_config: ml_collections.ConfigDict,
-                dtype: Any = None, cpu_kernels: bool = False) -> dqvae.DQVAE:
-  """DQVAE from `config.model`, with a clear error for unknown fields.
-
-  `cpu_kernels` is the run's platform decision (dqvq.cpu.tuning), not a
-  config field: a config means the same model on every platform.
-  """
-  kwargs = {k: tuple(v) if isinstance(v, list) else v
-            for k, v in model_config.to_dict().items()}
-  known = set(dqvae.DQVAE.__dataclass_fields__) - set(
-      dqvae.NON_CONFIG_FIELDS)
-  unknown = sorted(set(kwargs) - known)
-  if unknown:
-    raise ValueError(f'Unknown config.model fields {unknown}; DQVAE takes '
-                     f'{sorted(known)}.')
-  model = dqvae.DQVAE(**kwargs, dtype=dtype, cpu_kernels=cpu_kernels)
-  model.validate()
-  return model
 
 
 def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
@@ -114,32 +80,3 @@ def adamw(config: ml_collections.ConfigDict,
   if opt.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
   return tx
-
-
-@dataclasses.dataclass
-class Task:
-  """What a stage hands the shared loop (`dqvq.trainers.loop`).
-
-  Attributes:
-    datasets: `dqvq.data.pipeline.Datasets`-like train/eval iterables.
-    init: rng -> fresh state (traced: used under eval_shape and jit).
-    state_shardings: abstract state -> NamedShardings on the mesh.
-    train_step: (state, batch, frozen) -> (state, metrics).
-    eval_step: (state, batch, frozen) -> pytree of per-batch sums.
-    summarize: host sums over the eval split -> {'val/...': float}.
-    pictures: (state, host batch, frozen, step) -> uint8 panel or None.
-    frozen: weights the steps read but never change (LPIPS, the tokenizer);
-      replicated on the mesh and passed to every step.
-    batch_keys: which host-batch arrays go to the device.
-    progress_keys: metrics on the console progress line (None: all).
-  """
-  datasets: Any
-  init: Callable[[Array], Any]
-  state_shardings: Callable[[Any], Any]
-  train_step: Callable[..., Any]
-  eval_step: Callable[..., Any]
-  summarize: Callable[[dict[str, Any]], dict[str, float]]
-  pictures: Callable[..., Any]
-  frozen: Any
-  batch_keys: tuple[str, ...]
-  progress_keys: tuple[str, ...] | None = None

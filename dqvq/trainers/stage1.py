@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from dqvq import config_lib
 from dqvq.cpu import tuning as cpu_tuning
 from dqvq import losses
 from dqvq import sharding
@@ -33,7 +34,8 @@ from dqvq.models import discriminator as disc_lib
 from dqvq.models import dqvae
 from dqvq.models import perceptual
 from dqvq.models import quantizer
-from dqvq.trainers import optim as common
+from dqvq.trainers import optim
+from dqvq.trainers import task as task_lib
 
 Array = jax.Array
 
@@ -78,21 +80,21 @@ def uses_lpips(config: ml_collections.ConfigDict) -> bool:
 def build_models(config: ml_collections.ConfigDict,
                  cpu_kernels: bool = False) -> Stage1Models:
   """The step's modules; `cpu_kernels` from the mesh (dqvq.cpu.tuning)."""
-  dtype = common.compute_dtype(config)
-  vae = common.build_dqvae(config.model, dtype, cpu_kernels=cpu_kernels)
-  schedule = common.learning_rate_schedule(config)
-  tx = common.adam(config, schedule)
+  dtype = config_lib.compute_dtype(config)
+  vae = dqvae.from_config(config.model, dtype, cpu_kernels=cpu_kernels)
+  schedule = optim.learning_rate_schedule(config)
+  tx = optim.adam(config, schedule)
   router_lr = config.optim.get('router_lr_multiplier', 1.0)
   if router_lr != 1.0 and vae.router == 'feature' and vae.num_grains > 1:
     # Only then: the optimizer state of other models keeps its tree.
     tx = optax.chain(tx, optax.masked(optax.scale(router_lr),
-                                      common.subtree_mask('grain_router')))
+                                      optim.subtree_mask('grain_router')))
   disc = disc_tx = lpips = None
   if uses_gan(config):
     disc = disc_lib.NLayerDiscriminator(
         ndf=config.disc.ndf, n_layers=config.disc.n_layers, dtype=dtype,
         cpu_kernels=cpu_kernels)
-    disc_tx = common.adam(config, schedule)
+    disc_tx = optim.adam(config, schedule)
   if uses_lpips(config):
     lpips = perceptual.LPIPS(dropout=config.loss.lpips_dropout, dtype=dtype,
                              cpu_kernels=cpu_kernels)
@@ -291,28 +293,28 @@ def resolve_entropy_thresholds(config: ml_collections.ConfigDict,
                                workdir: str) -> None:
   """`model.entropy_thresholds='auto'`: a percentile table of the train split.
 
-  Computed once with the same tool as `python -m dqvq.tools.entropy_thresholds`
-  (eval preprocessing at the training resolution) and kept in the workdir, so
-  a resumed run routes exactly as before. In a multi-host run process 0 scans
-  the split and the other hosts read its file (`write_once`).
+  Computed once by `dqvq.data.entropy_table` (the table of
+  `python -m dqvq.tools.entropy_thresholds`: eval preprocessing at the
+  training resolution) from the train split as training reads it, and kept
+  in the workdir, so a resumed run routes exactly as before. In a multi-host
+  run process 0 scans the split and the other hosts read its file
+  (`write_once`).
   """
   m = config.model
   if m.router != 'entropy' or m.get('entropy_thresholds') != 'auto':
     return
-  from dqvq.tools import entropy_thresholds  # pylint: disable=g-import-not-at-top
+  from dqvq.data import entropy_table  # pylint: disable=g-import-not-at-top
+  from dqvq.data import sources as sources_lib  # pylint: disable=g-import-not-at-top
   default = dqvae.DQVAE.__dataclass_fields__
   field = lambda k: m.get(k, default[k].default)
-  lo, hi = field('entropy_bin_range')
-  m.entropy_thresholds = entropy_thresholds.write_once(
-      os.path.join(workdir, 'entropy_thresholds.json'), [
-          f'--data_dir={config.data.data_dir}',
-          f'--dataset={config.data.name}',
-          f'--split={config.data.train_split}',
-          f'--resolution={config.data.resolution}',
-          f'--region_size={m.grain_factors[0]}', f'--bin_range={lo},{hi}',
-          f'--num_bins={field("entropy_num_bins")}',
-          f'--sigma={field("entropy_sigma")}',
-          f'--num_images={config.get("entropy_num_images", 0)}'])
+  m.entropy_thresholds = entropy_table.write_once(
+      os.path.join(workdir, 'entropy_thresholds.json'),
+      lambda: sources_lib.load_sources(config.data).train,
+      dataset=config.data.name, split=config.data.train_split,
+      resolution=config.data.resolution, region_size=m.grain_factors[0],
+      bin_range=tuple(field('entropy_bin_range')),
+      num_bins=field('entropy_num_bins'), sigma=field('entropy_sigma'),
+      num_images=config.get('entropy_num_images', 0))
 
 
 def lpips_params_for(config: ml_collections.ConfigDict) -> Any:
@@ -335,7 +337,7 @@ def summarize(sums: dict[str, Any]) -> dict[str, float]:
 
 
 def make_task(config: ml_collections.ConfigDict, workdir: str,
-              mesh: jax.sharding.Mesh) -> common.Task:
+              mesh: jax.sharding.Mesh) -> task_lib.Task:
   """Data, models and step functions of a stage-1 run."""
   # The data stack (grain, TFDS) only here: the step, its benchmarks and the
   # accelerator suite import this module without it.
@@ -358,7 +360,7 @@ def make_task(config: ml_collections.ConfigDict, workdir: str,
         min_size=128, extra=[out[k] for k in ('coarse_only', 'fine_only')
                              if k in out])
 
-  return common.Task(
+  return task_lib.Task(
       datasets=datasets,
       init=functools.partial(init_state, models, image_shape=(1, res, res, 3)),
       state_shardings=lambda abstract: sharding.infer_state_shardings(

@@ -25,13 +25,15 @@ import ml_collections
 import numpy as np
 import optax
 
+from dqvq import config_lib
 from dqvq import losses
 from dqvq import sequence
 from dqvq import sharding
 from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq import visualize
 from dqvq.models import transformer as transformer_lib
-from dqvq.trainers import optim as common
+from dqvq.trainers import optim
+from dqvq.trainers import task as task_lib
 
 Array = jax.Array
 
@@ -53,58 +55,29 @@ class Stage2Models:
   config: Any = flax.struct.field(pytree_node=False)
 
 
-def build_layout(config: ml_collections.ConfigDict,
-                 tok: tokenizer_lib.Tokenizer) -> sequence.StreamLayout:
-  m = config.model
-  return sequence.layout_for(
-      tok.vae.grain_factors, config.data.resolution, tok.vae.codebook_size,
-      num_classes=m.num_classes, null_class=m.label_dropout > 0,
-      capacities=tuple(m.capacities) if m.capacities else None,
-      # A config from before the field trained with slot positions.
-      position_index=m.get('position_index', 'slot'))
-
-
 def build_models(config: ml_collections.ConfigDict,
                  layout: sequence.StreamLayout) -> Stage2Models:
-  m = config.model
-  model = transformer_lib.DQTransformer(
-      layout, width=m.width, num_heads=m.num_heads,
-      position_layers=m.position_layers, content_layers=m.content_layers,
-      block_size=m.block_size, mlp_ratio=m.mlp_ratio,
-      embed_dropout=m.embed_dropout, attn_dropout=m.attn_dropout,
-      resid_dropout=m.resid_dropout, dtype=common.compute_dtype(config),
-      remat=bool(m.get('remat', False)),
-      **transformer_lib.input_layer_kwargs(m))
-  model.validate()
-  schedule = common.learning_rate_schedule(config)
-  return Stage2Models(model, layout, common.adamw(config, schedule), schedule,
+  """The transformer (`transformer_lib.from_config`) and its optimizer."""
+  model = transformer_lib.from_config(config.model, layout,
+                                      config_lib.compute_dtype(config))
+  schedule = optim.learning_rate_schedule(config)
+  return Stage2Models(model, layout, optim.adamw(config, schedule), schedule,
                       config)
-
-
-def _dummy_inputs(layout: sequence.StreamLayout) -> dict[str, Array]:
-  t = layout.length - 1
-  ints = jnp.zeros((1, t), jnp.int32)
-  return {'content': ints, 'position': ints, 'grain': ints,
-          'pad': jnp.zeros((1, t), bool)}
-
-
-def init_variables(models: Stage2Models, rng: Array) -> Any:
-  """Boxed (logically partitioned) variables."""
-  x = _dummy_inputs(models.layout)
-  return models.model.init({'params': rng, 'dropout': rng}, x, x['position'],
-                           x['grain'])
 
 
 def init_state(models: Stage2Models, rng: Array) -> Stage2State:
   init_rng, state_rng = jax.random.split(rng)
-  params = nn.unbox(init_variables(models, init_rng)['params'])
+  params = nn.unbox(
+      transformer_lib.init_variables(models.model, init_rng)['params'])
   return Stage2State(step=jnp.zeros((), jnp.int32), params=params,
                      opt_state=models.tx.init(params), rng=state_rng)
 
 
 def state_shardings(models: Stage2Models, mesh: jax.sharding.Mesh,
                     abstract: Stage2State) -> Any:
-  boxed = jax.eval_shape(init_variables, models, jax.random.key(0))
+  boxed = jax.eval_shape(
+      lambda r: transformer_lib.init_variables(models.model, r),
+      jax.random.key(0))
   specs = nn.get_partition_spec(boxed)['params']
   return sharding.logical_state_shardings(
       abstract, specs, mesh, transformer_lib.LOGICAL_AXIS_RULES)
@@ -217,7 +190,7 @@ def teacher_forced(models: Stage2Models, state: Stage2State,
 
 
 def make_task(config: ml_collections.ConfigDict, workdir: str,
-              mesh: jax.sharding.Mesh) -> common.Task:
+              mesh: jax.sharding.Mesh) -> task_lib.Task:
   """Tokenizer, data, model and step functions of a stage-2 run."""
   del workdir
   tok = tokenizer_lib.load_stage1(config.tokenizer.workdir, mesh)
@@ -232,7 +205,7 @@ def make_task(config: ml_collections.ConfigDict, workdir: str,
         f'in {config.tokenizer.workdir} was trained at {trained_at} px; set '
         f'--config.data.resolution={trained_at} (or train a tokenizer at '
         f'{config.data.resolution} px).')
-  layout = build_layout(config, tok)
+  layout = sequence.layout_from_config(config, tok.vae)
   models = build_models(config, layout)
   logging.info('Token layout: grids %s, capacities %s, sequence length %d.',
                layout.grid_sizes, layout.stream_capacities, layout.length)
@@ -263,7 +236,7 @@ def make_task(config: ml_collections.ConfigDict, workdir: str,
         out['true'], out['predicted'], out['grain_map'], layout.num_grains,
         grain_factors=tok.vae.grain_factors, min_size=128)
 
-  return common.Task(
+  return task_lib.Task(
       datasets=datasets,
       init=lambda rng: init_state(models, rng),
       state_shardings=lambda abstract: state_shardings(models, mesh, abstract),
