@@ -35,13 +35,13 @@ from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top,wron
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from PIL import Image  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from dqvq.inference import image_codec  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dqvq.cpu import tuning as cpu_tuning  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dqvq.inference import generator as generator_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dqvq import sequence  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dqvq.data import demo  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dqvq.data import transforms  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dqvq.eval import reconstruction  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dqvq.inference import generator as generator_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dqvq.inference import image_codec  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dqvq import sequence  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def held_out_images(resolution: int, n: int) -> tuple[np.ndarray, np.ndarray]:

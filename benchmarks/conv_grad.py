@@ -31,8 +31,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from dqvq.cpu import tuning as cpu_tuning
 from dqvq.cpu import fast_conv
+from dqvq.cpu import tuning as cpu_tuning
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 DN = ('NHWC', 'HWIO', 'NHWC')

@@ -30,9 +30,9 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-posi
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from dqvq.cpu import tuning as cpu_tuning  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dqvq.models import transformer as tr_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dqvq import sampling  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dqvq import sequence  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dqvq.models import transformer as tr_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def random_params(model: tr_lib.DQTransformer, seed: int = 0):

@@ -35,11 +35,11 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from dqvq.cpu import fast_conv
 from dqvq.cpu import tuning as cpu_tuning
 from dqvq.models import decoder as decoder_lib
 from dqvq.models import discriminator as disc_lib
 from dqvq.models import encoder as encoder_lib
-from dqvq.cpu import fast_conv
 from dqvq.models import layers
 from dqvq.models import perceptual
 # pylint: enable=g-import-not-at-top,wrong-import-position

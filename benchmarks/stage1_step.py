@@ -35,8 +35,8 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from dqvq import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dqvq.cpu import tuning as cpu_tuning  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dqvq.cpu import fast_conv  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dqvq.cpu import tuning as cpu_tuning  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dqvq.trainers import stage1  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import stage1_profile  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -52,6 +52,20 @@ def random_maps(batch: int, seed: int = 0, fine_ratio: float = 0.5,
           labels.astype(np.int32))
 
 
+def batch_capacities(grain_map: np.ndarray, fine_cells: int = 4
+                     ) -> tuple[int, int]:
+  """(coarse, fine) stream capacities of the batch's longest streams.
+
+  The official pads each stream to the batch's longest; dqvq's streams have
+  the capacities of `config.model.capacities`, which a user sets to the
+  longest streams of their data. These are those of this batch: the two
+  steps then run over sequences of the same length.
+  """
+  fine = grain_map.reshape(grain_map.shape[0], -1).sum(1)
+  coarse = grain_map[0].size - fine
+  return int(coarse.max()), int(fine.max()) * fine_cells
+
+
 def describe(grain_map: np.ndarray, rep: int = 2) -> str:
   """One line on what the maps make: codes and official stream lengths.
 

@@ -45,9 +45,9 @@ import numpy as np
 from dqvq import config_lib
 from dqvq.cpu import tuning as cpu_tuning
 from dqvq.inference import tokenizer as tokenizer_lib
-from dqvq import sequence
 from dqvq.models import dqvae
 from dqvq.models import transformer as transformer_lib
+from dqvq import sequence
 from dqvq.trainers import stage2
 from benchmarks import stage2_common
 from benchmarks.stage1_step import peak_memory_mb
@@ -57,8 +57,8 @@ from benchmarks.stage1_step import peak_memory_mb
 def weightless_tokenizer() -> tokenizer_lib.Tokenizer:
   """The paper's dual-grain DQ-VAE (16/8 px grains, 1,024 codes), no weights.
 
-  `sequence.layout_from_config` reads the token layout off the tokenizer, and the
-  step takes it as an argument, but a token batch never runs its encoder
+  `sequence.layout_from_config` reads the token layout off the tokenizer, and
+  the step takes it as an argument, but a token batch never runs its encoder
   (`stage2.codes_of`): the module alone is enough, and no stage-1 run is
   needed to time stage 2.
   """
@@ -68,7 +68,7 @@ def weightless_tokenizer() -> tokenizer_lib.Tokenizer:
                                  config=config)
 
 
-def compile_step(models: stage2.Stage2Models, *args: Any) -> tuple[Any, float]:
+def compile_step(models: stage2.Stage2Setup, *args: Any) -> tuple[Any, float]:
   """`stage2.train_step` jitted and compiled as `dqvq.train` runs it.
 
   The state (first of `args`) is donated, so its buffers are reused for the
@@ -106,7 +106,9 @@ def main() -> None:
                  help="print XLA's memory and FLOP figures, run no step")
   p.add_argument('--capacities', default='',
                  help='coarse,fine stream capacities (config.model.'
-                 'capacities; default: every cell, 1,283 inputs)')
+                 'capacities; default: every cell, 1,283 inputs), or '
+                 '"batch": each stream as long as the batch\'s longest, the '
+                 'length the official pads to')
   args = p.parse_args()
 
   config = config_lib.stage2_config('large' if args.size == 'large' else None)
@@ -116,18 +118,23 @@ def main() -> None:
   config.model.remat = args.remat
   config.compute_dtype = 'bfloat16' if args.bf16 else 'float32'
   config.batch_size = args.batch
-  if args.capacities:
-    config.model.capacities = tuple(int(c) for c in args.capacities.split(','))
   tok = weightless_tokenizer()
+  res = config.data.resolution
+  grids = [res // f for f in tok.vae.grain_factors]
+  codes, grain_map, labels = stage2_common.random_maps(
+      args.batch, args.seed, args.fine_ratio, grids[0], grids[-1],
+      tok.vae.codebook_size, config.model.num_classes)
+  if args.capacities == 'batch':
+    config.model.capacities = stage2_common.batch_capacities(
+        grain_map, (grids[-1] // grids[0]) ** 2)
+  elif args.capacities:
+    config.model.capacities = tuple(int(c) for c in args.capacities.split(','))
   layout = sequence.layout_from_config(config, tok.vae)
   models = stage2.build_models(config, layout)
   state = jax.jit(functools.partial(stage2.init_state, models))(
       jax.random.key(config.seed))
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
 
-  codes, grain_map, labels = stage2_common.random_maps(
-      args.batch, args.seed, args.fine_ratio, layout.grid_sizes[0],
-      layout.grid_sizes[-1], layout.codebook_size, layout.num_classes)
   batch = {'codes': jnp.asarray(codes), 'grain_map': jnp.asarray(grain_map),
            'label': jnp.asarray(labels),
            'mask': jnp.ones((args.batch,), bool)}

@@ -8,13 +8,17 @@ medians.
 
   python benchmarks/stage2_vs_official.py \
       --official_repo /path/to/DynamicVectorQuantization \
-      --torch_python /path/to/torch-venv/bin/python [--rounds 2] [--batch 2]
+      --torch_python /path/to/torch-venv/bin/python [--rounds 2] [--batch 2] \
+      [--capacities batch]
 
 Ours is `benchmarks/stage2_step.py` under this interpreter; the official step
 is `benchmarks/official_stage2_step.py` under `--torch_python` (see its
 docstring for what that interpreter needs; this project's venv, which has
 torch, will do). `--tiny` runs both at toy widths, a smoke test of the
-harness. The last line:
+harness. `--capacities batch` gives our layout each stream as long as the
+batch's longest (what a config's `model.capacities` set to the data's
+longest streams does), the length the official pads to; without it ours runs
+the full 1,283-input layout. The last line:
   ours_sequences_per_s=... official_sequences_per_s=... ratio=...
 """
 
@@ -36,10 +40,15 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   side_by_side.add_flags(p, 'official_stage2_step.py')
   stage2_common.add_flags(p)
-  side_by_side.compare(p.parse_args(), 'stage2_step.py',
-                       'official_stage2_step.py',
+  p.add_argument('--capacities', default='',
+                 help='ours: stage2_step.py --capacities (e.g. "batch": the '
+                 'streams as long as the official pads them)')
+  args = p.parse_args()
+  side_by_side.compare(args, 'stage2_step.py', 'official_stage2_step.py',
                        ('batch', 'steps', 'fine_ratio', 'seed', 'tiny'),
-                       'sequences_per_s', 'sequences/s')
+                       'sequences_per_s', 'sequences/s',
+                       ours_extra=(('--capacities', args.capacities)
+                                   if args.capacities else ()))
 
 
 if __name__ == '__main__':

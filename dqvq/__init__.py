@@ -22,7 +22,7 @@ from typing import Any
 
 
 def load_tokenizer(path: str, mesh: Any = None) -> Any:
-  """A `dqvq.inference.tokenizer.Tokenizer` (encode / decode) from a tokenizer bundle."""
+  """A `dqvq.inference.tokenizer.Tokenizer` (encode / decode) from a bundle."""
   from dqvq.inference import tokenizer  # pylint: disable=g-import-not-at-top
   return tokenizer.load_bundle(path, mesh)
 

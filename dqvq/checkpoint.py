@@ -80,8 +80,8 @@ from dqvq.run_guards import DivergenceError
 from dqvq.run_guards import DivergenceGuard
 from dqvq.run_guards import install_preemption_handler
 from dqvq.run_guards import LossSpikeError
-from dqvq.run_guards import NonFiniteLossError
 from dqvq.run_guards import nonfinite_leaves
+from dqvq.run_guards import NonFiniteLossError
 from dqvq.run_guards import preemption_requested
 from dqvq.run_guards import reset_preemption_request
 from dqvq.run_guards import stop_reason

@@ -9,8 +9,9 @@ r"""Images to bytes and back, with the DQ-Transformer as the entropy model.
 and crops its centre (the evaluation preprocessing), encodes it with the
 generator's tokenizer (at `--grain_ratios`, coarse to fine, or the trained
 budget), and writes DIR/NAME.dqvq: the coarse-to-fine token streams,
-range-coded with the transformer's probabilities (`dqvq.inference.stream_coder`), in
-the format of `dqvq.inference.codec_format`. `decompress` writes DIR/NAME.png, the
+range-coded with the transformer's probabilities
+(`dqvq.inference.stream_coder`), in the format of
+`dqvq.inference.codec_format`. `decompress` writes DIR/NAME.png, the
 tokenizer's decode of exactly the tokens that were coded: the image of
 `tok.decode(tok.encode(x))`, up to the decoder's last float bits (which
 differ between any two compiled programs). `compress` prints each file's
@@ -39,9 +40,9 @@ from absl import flags
 import jax
 import numpy as np
 
-from dqvq.inference import codec_format
 from dqvq.cpu import tuning as cpu_tuning
 from dqvq import distributed
+from dqvq.inference import codec_format
 from dqvq.inference import image_codec
 
 USAGE_ERROR = 2

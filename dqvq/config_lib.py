@@ -20,9 +20,9 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import ml_collections
 
-from dqvq import sampling as sampling_lib
 from dqvq.models import dqvae
 from dqvq.models import transformer as transformer_lib
+from dqvq import sampling as sampling_lib
 
 # config.compute_dtype -> the modules' dtype (None: float32 everywhere).
 COMPUTE_DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}

@@ -20,12 +20,12 @@ Subcommands (each registers in `_SUBCOMMANDS`):
   python -m dqvq.convert to_official --bundle /bundles/tokenizer --out sd.npz
 
 `--from official` is accepted as a spelling of the `official` subcommand.
-`lpips`: `--vgg16` is torchvision's ImageNet VGG16 state dict (`features.*`
-and `classifier.*`; the classifier is ignored) and `--lin` the LPIPS repo's
+`lpips`: `--vgg16` is torchvision's ImageNet VGG16 state dict (`features.*` and
+`classifier.*`; the classifier is ignored) and `--lin` the LPIPS repo's
 `weights/v0.1/vgg.pth` (`lin{0..4}.model.1.weight`). `official` reads the
-authors' Lightning checkpoints (DQ-VAE or StackGPT, see `dqvq.interop.official`) and
-writes a bundle for `dqvq.load_tokenizer` / `dqvq.load_generator`. Inputs may
-be PyTorch files (zip or legacy format) or `.npz` archives holding the same
+authors' Lightning checkpoints (DQ-VAE or StackGPT, see `dqvq.interop.official`)
+and writes a bundle for `dqvq.load_tokenizer` / `dqvq.load_generator`. Inputs
+may be PyTorch files (zip or legacy format) or `.npz` archives holding the same
 key names, which is how tests exercise the CLI without torch.
 """
 

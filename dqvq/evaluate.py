@@ -41,20 +41,18 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from dqvq.inference import bundle as bundle_lib
-from dqvq import checkpoint as ckpt_lib
 from dqvq.cpu import tuning as cpu_tuning
-from dqvq import distributed
-from dqvq import metrics as metrics_lib
-from dqvq import sampling_flags
-from dqvq import sampling
-from dqvq import sharding
-from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq.data import pipeline
+from dqvq import distributed
 from dqvq.eval import codec_eval
 from dqvq.eval import generator_eval
 from dqvq.eval import plots
+from dqvq.eval import source as source_lib
 from dqvq.eval import tokenizer_eval
+from dqvq import metrics as metrics_lib
+from dqvq import sampling
+from dqvq import sampling_flags
+from dqvq import sharding
 
 FLAGS = flags.FLAGS
 WHATS = ('tokenizer', 'generator')
@@ -89,71 +87,6 @@ class EvalOptions:
       default_factory=sampling.SamplingConfig)
   tensorboard: bool = True
   codec_images: int = 32              # generator; 0: no codec figures
-
-
-@dataclasses.dataclass
-class Source:
-  """What --workdir / --bundle holds, read from metadata only (no weights)."""
-  stage: int                                # 1: tokenizer, 2: generator
-  config: ml_collections.ConfigDict         # its own config
-  tokenizer_config: ml_collections.ConfigDict
-  step: int
-  where: str                                # eval outputs default under it
-  workdir: str | None = None
-  bundle: str | None = None
-  tokenizer_workdir: str | None = None      # the stage-1 run, if any
-  tokenizer_step: int = 0
-
-
-def _run_meta(workdir: str) -> tuple[ml_collections.ConfigDict, int]:
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise FileNotFoundError(
-        f'{workdir} holds no checkpoints/: give a dqvq.train run directory '
-        'with --workdir, or a bundle (python -m dqvq.export) with --bundle.')
-  ckpt = ckpt_lib.Checkpointer(workdir, save_every=0)
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'{workdir}/checkpoints holds no finished '
-                              'checkpoint yet.')
-    config = ckpt.read_meta(step).get('config')
-  finally:
-    ckpt.close()
-  if not config:
-    raise ValueError(f'Checkpoint {step} of {workdir} stores no config; it was '
-                     'not written by dqvq.train.')
-  return ml_collections.ConfigDict(config), step
-
-
-def describe(workdir: str | None, bundle: str | None) -> Source:
-  """The stage, configs and step of a run or bundle, before any restore."""
-  if bool(workdir) == bool(bundle):
-    raise ValueError('Give exactly one of --workdir (a training run) or '
-                     '--bundle (from python -m dqvq.export).')
-  if workdir:
-    config, step = _run_meta(workdir)
-    stage = int(config.get('stage', 1))
-    tok_dir = workdir if stage == 1 else config.tokenizer.workdir
-    tok_cfg, tok_step = (config, step) if stage == 1 else _run_meta(tok_dir)
-    return Source(stage, config, tok_cfg, step, os.path.abspath(workdir),
-                  workdir=workdir, tokenizer_workdir=tok_dir,
-                  tokenizer_step=tok_step)
-  manifest = bundle_lib.read_manifest(bundle)
-  stage = 1 if manifest['kind'] == 'tokenizer' else 2
-  tok = manifest if stage == 1 else bundle_lib.read_manifest(
-      os.path.join(manifest['path'], 'tokenizer'), kind='tokenizer')
-  return Source(stage, manifest['config'], tok['config'],
-                int(manifest['meta'].get('step', 0)), manifest['path'],
-                bundle=bundle, tokenizer_step=int(tok['meta'].get('step', 0)))
-
-
-def load_tokenizer(src: Source, mesh: jax.sharding.Mesh
-                   ) -> tokenizer_lib.Tokenizer:
-  if src.bundle:
-    path = src.bundle if src.stage == 1 else os.path.join(src.where,
-                                                          'tokenizer')
-    return tokenizer_lib.load_bundle(path, mesh)
-  return tokenizer_lib.load_stage1(src.tokenizer_workdir, mesh)
 
 
 def _json_clean(value: Any) -> Any:
@@ -212,15 +145,27 @@ def _global_batches(datasets: pipeline.Datasets, mesh: jax.sharding.Mesh,
         {'image': host_batch['image'], 'mask': host_batch['mask']}, mesh)
 
 
-def run(options: EvalOptions) -> dict[str, Any]:
-  """Evaluates and writes everything (see the module docstring).
+@dataclasses.dataclass
+class _Plan:
+  """What `run` evaluates, resolved and checked before any model loads."""
+  src: Any
+  what: str
+  inception: str
+  lpips_path: str
+  data: Any
+  data_info: dict[str, Any]
+  num_samples: int
+  own: bool  # False: the tokenizer of a stage-2 run
+  config: Any
+  step: int
+  batch: int
+  out: str
 
-  All checks run first (source, --what, split, image count, weights paths,
-  budgets); then models load and the split is read once. Returns the
-  metrics.json payload (on every process).
-  """
-  start = time.time()
-  src = describe(options.workdir, options.bundle)
+
+def _plan(options: EvalOptions) -> _Plan:
+  """Every check of the options (source, --what, split, image count, weights
+  paths, budgets), with the fix in the message; nothing is loaded."""
+  src = source_lib.describe(options.workdir, options.bundle)
   what = options.what or ('tokenizer' if src.stage == 1 else 'generator')
   if what not in WHATS:
     raise ValueError(f'--what={what!r}; choose one of {WHATS}.')
@@ -253,81 +198,110 @@ def run(options: EvalOptions) -> dict[str, Any]:
   num_samples = options.num_samples or data_info['num_images']
   if what == 'generator' and inception and num_samples < 2:
     raise ValueError('FID and IS need at least 2 samples; raise --num_samples.')
-  own = what == WHATS[src.stage - 1]  # else: a stage-2 run's tokenizer
+  own = what == WHATS[src.stage - 1]
   config = src.config if own else tok_cfg
   step = src.step if own else src.tokenizer_step
-  batch = _batch_size(options, config)
   out = options.out or os.path.join(
       src.where, 'eval', f'{what}-{_split_name(data_info["split"])}-step'
       f'{step}')
-  notes: list[str] = []
+  return _Plan(src, what, inception, lpips_path, data, data_info,
+               num_samples, own, config, step, _batch_size(options, config),
+               out)
 
+
+def _measure(plan: _Plan, options: EvalOptions, notes: list[str]
+             ) -> tuple[dict[str, Any], Any]:
+  """Loads the model, reads the split once; (results, the tokenizer)."""
   mesh = sharding.create_mesh()
   datasets = pipeline.create_datasets(
-      data, global_batch_size=batch, eval_batch_size=batch, seed=0, mesh=mesh)
+      plan.data, global_batch_size=plan.batch, eval_batch_size=plan.batch,
+      seed=0, mesh=mesh)
   fid = generator_eval.fid_setup(
-      inception, mesh, data_info['hash'], options.stats_cache or out, notes,
-      min(data_info['num_images'], num_samples))
-  bar = tqdm.tqdm(unit='img', desc=f'evaluating {what}',
+      plan.inception, mesh, plan.data_info['hash'],
+      options.stats_cache or plan.out, notes,
+      min(plan.data_info['num_images'], plan.num_samples))
+  bar = tqdm.tqdm(unit='img', desc=f'evaluating {plan.what}',
                   disable=jax.process_index() != 0)
   held_out = (codec_eval.HeldOut(options.codec_images)
-              if what == 'generator' and options.codec_images else None)
+              if plan.what == 'generator' and options.codec_images else None)
   batches = _global_batches(datasets, mesh, held_out)
-  if what == 'tokenizer':
-    tok = load_tokenizer(src, mesh)
+  if plan.what == 'tokenizer':
+    tok = source_lib.load_tokenizer(plan.src, mesh)
     res = tokenizer_eval.evaluate_tokenizer(
         tok, batches, fine_ratios=options.ratios,
-        lpips=tokenizer_eval.lpips_setup(lpips_path, mesh, notes), fid=fid,
-        num_pictures=options.num_pictures, on_batch=bar.update)
+        lpips=tokenizer_eval.lpips_setup(plan.lpips_path, mesh, notes),
+        fid=fid, num_pictures=options.num_pictures, on_batch=bar.update)
   else:
-    gen = generator_eval.load(src.workdir, src.bundle, mesh)
+    gen = generator_eval.load(plan.src.workdir, plan.src.bundle, mesh)
     tok = gen.tokenizer
     res = generator_eval.evaluate_generator(
-        gen, batches, num_samples=num_samples,
+        gen, batches, num_samples=plan.num_samples,
         sampling_config=options.sampling, class_labels=options.class_labels,
-        batch_size=batch, fid=fid, num_pictures=options.num_pictures,
+        batch_size=plan.batch, fid=fid, num_pictures=options.num_pictures,
         on_batch=bar.update)
   bar.close()
   if held_out is not None and held_out.count and jax.process_index() == 0:
     # One process codes: each image is one device's sequential walk.
     codec_start = time.time()
-    res['figures'].update(codec_eval.codec_figures(
-        gen, *held_out.arrays()))
+    res['figures'].update(codec_eval.codec_figures(gen, *held_out.arrays()))
     logging.info('Codec figures of %d held-out images in %.1f s.',
                  held_out.count, time.time() - codec_start)
+  return res, tok
+
+
+def _write(plan: _Plan, options: EvalOptions, res: dict[str, Any], tok: Any,
+           notes: list[str], seconds: float) -> dict[str, Any]:
+  """metrics.json, the report pictures and the run's TensorBoard."""
   pictures = []
   if jax.process_index() == 0:
     factors = tuple(tok.vae.grain_factors)
     pictures = (
-        plots.tokenizer_report(out, res, tok.vae.num_grains, factors)
-        if what == 'tokenizer' else plots.generator_report(
-            out, res, tok.vae.num_grains, factors, options.num_pictures))
+        plots.tokenizer_report(plan.out, res, tok.vae.num_grains, factors)
+        if plan.what == 'tokenizer' else plots.generator_report(
+            plan.out, res, tok.vae.num_grains, factors,
+            options.num_pictures))
+  src = plan.src
   payload = _json_clean({
-      'what': what, 'split': data_info['split'], 'step': step,
+      'what': plan.what, 'split': plan.data_info['split'], 'step': plan.step,
       'source': {'workdir': src.workdir, 'bundle': src.bundle,
                  'tokenizer_fingerprint': tok.fingerprint},
-      'data': data_info,
-      'weights': {'inception': _weights_entry(inception),
-                  'lpips': _weights_entry(lpips_path)},
+      'data': plan.data_info,
+      'weights': {'inception': _weights_entry(plan.inception),
+                  'lpips': _weights_entry(plan.lpips_path)},
       'metrics': res['figures'],
       'rate_distortion': res.get('rate_distortion', []),
       'histograms': res['histograms'], 'notes': notes, 'pictures': pictures,
-      'config': config.to_dict(),
+      'config': plan.config.to_dict(),
       'options': dataclasses.asdict(options),
-      'seconds': time.time() - start})
+      'seconds': seconds})
   if jax.process_index() == 0:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, 'metrics.json'), 'w') as f:
+    os.makedirs(plan.out, exist_ok=True)
+    with open(os.path.join(plan.out, 'metrics.json'), 'w') as f:
       json.dump(payload, f, indent=1, sort_keys=True, allow_nan=False)
   # TensorBoard of the run that made the evaluated model.
-  tb_dir = src.workdir if own else src.tokenizer_workdir
+  tb_dir = src.workdir if plan.own else src.tokenizer_workdir
   if options.tensorboard and options.workdir and tb_dir:
     writer = metrics_lib.create_writer(tb_dir)
-    metrics_lib.write_scalars(writer, step, {
-        f'eval/{what}/{k}': v for k, v in _scalars(payload['metrics']).items()})
+    metrics_lib.write_scalars(writer, plan.step, {
+        f'eval/{plan.what}/{k}': v
+        for k, v in _scalars(payload['metrics']).items()})
     writer.flush()
     writer.close()
-  logging.info('%s evaluation -> %s: %s', what, out, ', '.join(
+  return payload
+
+
+def run(options: EvalOptions) -> dict[str, Any]:
+  """Evaluates and writes everything (see the module docstring).
+
+  All checks run first (`_plan`); then models load and the split is read
+  once. Returns the metrics.json payload (on every process).
+  """
+  start = time.time()
+  plan = _plan(options)
+  notes: list[str] = []
+  res, tok = _measure(plan, options, notes)
+  payload = _write(plan, options, res, tok, notes, time.time() - start)
+  logging.info('%s evaluation -> %s: %s', plan.what, plan.out, ', '.join(
       f'{k}={v:.4g}' for k, v in sorted(_scalars(payload['metrics']).items())
       if k in HEADLINE))
   return payload

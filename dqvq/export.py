@@ -7,12 +7,13 @@ r"""Exports a training run as an inference bundle (see dqvq.inference.bundle).
 
 The stage comes from the run's checkpoint: a stage-1 run gives a tokenizer
 bundle, a stage-2 run a generator bundle with its tokenizer inside. Only
-inference weights are written (no optimizer, discriminator or data state;
-the codebook is the EMA one training kept). `--programs` adds serialized
+inference weights are written (no optimizer, discriminator or data state; the
+codebook is the EMA one training kept). `--programs` adds serialized
 `jax.export` programs, callable without dqvq's Python model code:
 encode(variables, images) and decode(variables, codes) with a symbolic batch
 size, sample(params, labels, key_data) at `--program_batch` (the sampler's
-buffers have static shapes). Read them with `dqvq.inference.bundle`'s `load_program`.
+buffers have static shapes). Read them with `dqvq.inference.bundle`'s
+`load_program`.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import jax.numpy as jnp
 from dqvq import checkpoint as ckpt_lib
 from dqvq.cpu import tuning as cpu_tuning
 from dqvq.inference import generator as generator_lib
-from dqvq import sampling
 from dqvq.inference import tokenizer as tokenizer_lib
+from dqvq import sampling
 
 PROGRAMS = ('encode', 'decode', 'sample')
 _DIR = 'programs'

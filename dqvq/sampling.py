@@ -44,9 +44,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dqvq.models import transformer as transformer_lib
 from dqvq import sequence
 from dqvq import token_choice
-from dqvq.models import transformer as transformer_lib
 # Also this module's API (users and configs name `sampling.SamplingConfig`),
 # though they live with the rest of the token choice.
 # pylint: disable=g-importing-member

@@ -26,8 +26,8 @@ from typing import Any, Sequence
 import ml_collections
 
 from dqvq.cpu import tuning as cpu_tuning
-from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq.data import tokens as tokens_lib
+from dqvq.inference import tokenizer as tokenizer_lib
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -176,8 +176,8 @@ def run(config, workdir: str) -> None:
   `config.sample_class_labels`) to `workdir/samples`. A run stopped early
   (SIGTERM, Ctrl-C, `stop_at_step`) does nothing after its stop."""
   from dqvq import config_lib  # pylint: disable=g-import-not-at-top
-  from dqvq.trainers import checks  # pylint: disable=g-import-not-at-top
   from dqvq import run_guards  # pylint: disable=g-import-not-at-top
+  from dqvq.trainers import checks  # pylint: disable=g-import-not-at-top
   from dqvq.trainers import loop  # pylint: disable=g-import-not-at-top
   stage1_config = (config.tokenizer.get('stage1') if config.stage == 2
                    else None)

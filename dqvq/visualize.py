@@ -236,7 +236,7 @@ def save_png(path: str | os.PathLike[str], image_uint8: np.ndarray) -> None:
   pil.save(path_str, format='PNG')
 
 
-def stage1_panel(images: np.ndarray,
+def coding_panel(images: np.ndarray,
                  reconstructions: np.ndarray,
                  grain_map: np.ndarray,
                  num_grains: int,

@@ -19,15 +19,15 @@ import pytest
 import conftest
 import dqvq
 from dqvq import codec
-from dqvq.models import dqvae
-from dqvq.models import transformer as transformer_lib
-from dqvq.inference import image_codec
 from dqvq.inference import codec_format
 from dqvq.inference import generator as generator_lib
-from dqvq import sequence
-from dqvq import sharding
+from dqvq.inference import image_codec
 from dqvq.inference import stream_coder
 from dqvq.inference import tokenizer as tokenizer_lib
+from dqvq.models import dqvae
+from dqvq.models import transformer as transformer_lib
+from dqvq import sequence
+from dqvq import sharding
 from dqvq import visualize
 import test_train
 

@@ -21,13 +21,13 @@ import pytest
 import dqvq
 from dqvq import config_lib
 from dqvq import convert
-from dqvq.interop import pretrained
+from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq.interop import official
 from dqvq.interop import official_bundle
-from dqvq.inference import tokenizer as tokenizer_lib
+from dqvq.interop import pretrained
 from dqvq.models import dqvae
-from dqvq import sequence
 from dqvq.models import transformer as transformer_lib
+from dqvq import sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.environ.get('DQVQ_REFERENCE', os.path.join(

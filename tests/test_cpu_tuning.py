@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from dqvq.cpu import tuning as cpu_tuning
 from dqvq.cpu import host_allocator
+from dqvq.cpu import tuning as cpu_tuning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

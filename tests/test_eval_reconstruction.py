@@ -9,9 +9,9 @@ import pytest
 from skimage import data as skdata
 from skimage import metrics as skmetrics
 
-from dqvq import visualize
 from dqvq.eval import reconstruction as rec
 from dqvq.models import perceptual
+from dqvq import visualize
 
 
 def _sk_ssim(a, b, data_range):

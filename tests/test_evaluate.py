@@ -25,14 +25,14 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from dqvq import sequence
-from dqvq import evaluate
-from dqvq import sampling
-from dqvq import sharding
 from dqvq.eval import coding
 from dqvq.eval import fid as fid_lib
 from dqvq.eval import generator_eval
 from dqvq.eval import tokenizer_eval
+from dqvq import evaluate
+from dqvq import sampling
+from dqvq import sequence
+from dqvq import sharding
 
 from conftest import load_config
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 import dqvq
-from dqvq.inference import bundle
 from dqvq import export
+from dqvq.inference import bundle
 from dqvq.inference import generator as generator_lib
-from dqvq import sampling
 from dqvq.inference import tokenizer as tokenizer_lib
+from dqvq import sampling
 
 
 def _images(tok, n=2, seed=0):

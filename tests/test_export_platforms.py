@@ -14,12 +14,12 @@ import types
 import jax
 import pytest
 
-from dqvq.tools import aot
-from dqvq.inference import bundle
+from dqvq.cpu import fast_conv
 from dqvq.cpu import tuning as cpu_tuning
 from dqvq import export
+from dqvq.inference import bundle
 from dqvq import sharding
-from dqvq.cpu import fast_conv
+from dqvq.tools import aot
 
 from conftest import load_config  # pylint: disable=g-bad-import-order
 

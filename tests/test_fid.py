@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from dqvq import sharding
 from dqvq.eval import fid
+from dqvq import sharding
 
 
 def _psd_sqrt(a):

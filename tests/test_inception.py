@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from dqvq import convert
-from dqvq import sharding
 from dqvq.eval import fid
 from dqvq.interop import pretrained
 from dqvq.models import inception
 from dqvq.models.layers import count_params
+from dqvq import sharding
 
 # torchvision's inception_v3 has 27,161,264 parameters (its docs); the FID
 # network drops AuxLogits (3,326,696) and has 8 more classes (8 * 2049).

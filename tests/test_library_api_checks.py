@@ -20,8 +20,8 @@ import pytest
 
 import dqvq
 from dqvq import export
-from dqvq import sampling
 from dqvq.inference import tokenizer as tokenizer_lib
+from dqvq import sampling
 
 
 @pytest.fixture(scope='module')

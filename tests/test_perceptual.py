@@ -13,8 +13,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from dqvq.models import perceptual
 from dqvq.models.layers import count_params
+from dqvq.models import perceptual
 
 
 @pytest.fixture(scope='module')

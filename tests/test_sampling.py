@@ -16,9 +16,9 @@ import pytest
 
 from conftest import cached_logits
 from conftest import load_config
+from dqvq.models import transformer as tr_lib
 from dqvq import sampling
 from dqvq import sequence
-from dqvq.models import transformer as tr_lib
 
 DUAL = sequence.StreamLayout((4, 8), 16)
 DUAL_CFG = sequence.StreamLayout((4, 8), 16, num_classes=3, null_class=True)

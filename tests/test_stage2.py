@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from dqvq.trainers import checks
+from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq import sequence
 from dqvq import sharding
-from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq import train
-from dqvq.trainers import optim
+from dqvq.trainers import checks
 from dqvq.trainers import loop
+from dqvq.trainers import optim
 from dqvq.trainers import stage2
 
 

@@ -14,11 +14,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq.data import pipeline
 from dqvq.data import sources as sources_lib
 from dqvq.data import token_pipeline
 from dqvq.data import tokens as tokens_lib
+from dqvq.inference import tokenizer as tokenizer_lib
 
 BATCH = 16
 TRAIN, EVAL = 48, 40  # examples in the sliced splits

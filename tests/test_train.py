@@ -19,9 +19,9 @@ import optax
 import pytest
 
 
-from dqvq.trainers import checks
 from dqvq import losses
 from dqvq import sharding
+from dqvq.trainers import checks
 from dqvq.trainers import loop
 from dqvq.trainers import stage1
 

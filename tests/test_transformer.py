@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dqvq import sequence
 from dqvq.models import attention
 from dqvq.models import transformer as tr_lib
+from dqvq import sequence
 
 _encode = jax.jit(sequence.encode, static_argnums=(2,))
 

@@ -21,11 +21,11 @@ import pytest
 
 from conftest import cached_logits
 from dqvq import config_lib
-from dqvq.trainers import checks
-from dqvq import sampling
-from dqvq import sequence
 from dqvq.eval import study_stage2
 from dqvq.models import transformer as tr_lib
+from dqvq import sampling
+from dqvq import sequence
+from dqvq.trainers import checks
 from dqvq.trainers import stage2
 import test_transformer as tt  # pylint: disable=g-bad-import-order
 

@@ -116,16 +116,16 @@ def test_image_grid_shape_and_placement():
   assert visualize.image_grid(imgs[:4], pad=0).shape == (8, 10, 3)  # 2x2
 
 
-def test_stage1_panel_layout():
+def test_coding_panel_layout():
   rng = np.random.default_rng(1)
   x = rng.uniform(-1, 1, (3, 16, 16, 3)).astype(np.float32)
   gmap = rng.integers(0, 2, (3, 1, 1))
-  panel = visualize.stage1_panel(x, x, gmap, 2, pad=1)
+  panel = visualize.coding_panel(x, x, gmap, 2, pad=1)
   assert panel.shape == (3 * 16 + 2, 4 * 16 + 3, 3) and panel.dtype == np.uint8
   np.testing.assert_array_equal(panel[17:33, 0:16], visualize.to_uint8(x[1]))
   np.testing.assert_array_equal(panel[17:33, 17:33], visualize.to_uint8(x[1]))
   assert not panel[34:50, 51:67].any()  # error column of a perfect recon
-  assert visualize.stage1_panel(x, x, gmap, 2, max_examples=1,
+  assert visualize.coding_panel(x, x, gmap, 2, max_examples=1,
                                 pad=1).shape[0] == 16
 
 

@@ -10,11 +10,9 @@ pages on those mappings (`madvise(MADV_HUGEPAGE)`), which the kernel serves
 as 2 MiB pages when transparent huge pages are in `madvise` mode, the common
 default: 512 times fewer faults.
 
-Measured on this project's 2-core AVX2 EPYC (`benchmarks/stage1_step.py`,
-batch 2, 256 px, s/step, each setting its own process, two rounds): plain
-26.85 / 26.67, hugetlb=1 22.78 / 21.29. Keeping memory mapped instead
-(mmap_max=0, a high trim threshold, one arena) helped less on its own
-(27.49 / 24.71) and nothing reliable on top of hugetlb=1 (21.75 / 25.66).
+Keeping memory mapped instead (mmap_max=0, a high trim threshold, one
+arena) helped less, and nothing on top of it; the measurements
+(`benchmarks/stage1_step.py`) are in benchmarks/README.md.
 
 glibc reads its tunables once, when the process starts, so the only way for
 a program to get them is to start again: `restart_with` replaces the

@@ -39,11 +39,11 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from dqvq import sharding
 from dqvq.data import pipeline
 from dqvq.data import sources as sources_lib
 from dqvq.data import tfds_compat
 from dqvq.models import granularity as grain_lib
+from dqvq import sharding
 
 METADATA_FILE = 'dqvq_tokens.json'
 TFDS_NAME = 'dqvq_tokens'

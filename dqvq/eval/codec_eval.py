@@ -1,9 +1,9 @@
 """The generator as an image codec, measured on held-out images.
 
 `dqvq.evaluate` codes the first held-out images into .dqvq files with the
-DQ-Transformer as entropy model (`dqvq.inference.image_codec`) and puts the measured
-file size beside the fixed-rate count (codes x log2 V + regions x log2 K)
-and the model's cross-entropy, which the payload should match within 1%;
+DQ-Transformer as entropy model (`dqvq.inference.image_codec`) and puts the
+measured file size beside the fixed-rate count (codes x log2 V + regions x log2
+K) and the model's cross-entropy, which the payload should match within 1%;
 every file must decode to exactly the tokens it coded.
 """
 

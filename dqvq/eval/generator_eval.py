@@ -40,13 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats as scipy_stats
 
-from dqvq.inference import generator as generator_lib
-from dqvq import sampling
-from dqvq import sharding
-from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq.eval import coding as coding_lib
 from dqvq.eval import fid as fid_lib
+from dqvq.inference import generator as generator_lib
+from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq.models import inception as inception_lib
+from dqvq import sampling
+from dqvq import sharding
 
 Array = jax.Array
 

@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dqvq.models import dqvae
-from dqvq import visualize
 from dqvq.data import pipeline
 from dqvq.eval import allocation
 from dqvq.eval import coding
+from dqvq.models import dqvae
 from dqvq.models import router as router_lib
+from dqvq import visualize
 
 Array = jax.Array
 

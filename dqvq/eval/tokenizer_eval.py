@@ -29,16 +29,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from dqvq import sequence
-from dqvq import sharding
-from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq.data import sources as sources_lib
 from dqvq.eval import coding as coding_lib
 from dqvq.eval import fid as fid_lib
 from dqvq.eval import generator_eval
 from dqvq.eval import reconstruction as recon_lib
+from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq.models import inception as inception_lib
 from dqvq.models import perceptual
+from dqvq import sequence
+from dqvq import sharding
 
 Array = jax.Array
 Batch = dict[str, Any]  # 'image' (B, R, R, 3) in [-1, 1], 'mask' (B,)

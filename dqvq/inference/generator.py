@@ -27,13 +27,13 @@ import tqdm
 
 from dqvq import checkpoint as ckpt_lib
 from dqvq import config_lib
+from dqvq.inference import bundle as bundle_lib
+from dqvq.inference import tokenizer as tokenizer_lib
+from dqvq.models import transformer as transformer_lib
 from dqvq import sampling
 from dqvq import sequence
 from dqvq import sharding
 from dqvq import visualize
-from dqvq.inference import bundle as bundle_lib
-from dqvq.inference import tokenizer as tokenizer_lib
-from dqvq.models import transformer as transformer_lib
 
 
 def decode_streams(tok: tokenizer_lib.Tokenizer, content: jax.Array,
@@ -59,7 +59,8 @@ class Generator:
   """DQ-Transformer + tokenizer; `sample` returns images and their tokens.
 
   `sample_batches` yields the same batch by batch, left on the devices;
-  `compress` / `decompress` use the model as an image codec (`dqvq.inference.image_codec`).
+  `compress` / `decompress` use the model as an image codec
+  (`dqvq.inference.image_codec`).
   """
   model: Any
   params: Any
@@ -243,7 +244,8 @@ def _check_count(name: str, value: Any, least: int, want: str) -> None:
 
 def build_model(config: ml_collections.ConfigDict,
                 tok: tokenizer_lib.Tokenizer
-                ) -> tuple[transformer_lib.DQTransformer, sequence.StreamLayout]:
+                ) -> tuple[transformer_lib.DQTransformer,
+                           sequence.StreamLayout]:
   """The DQ-Transformer a stage-2 config trains over `tok`, and its layout."""
   layout = sequence.layout_from_config(config, tok.vae)
   model = transformer_lib.from_config(config.model, layout,
@@ -259,7 +261,8 @@ def _replicated_params(model: transformer_lib.DQTransformer,
       abstract, jax.tree.map(lambda _: replicated, abstract))
 
 
-def _tokenizer_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
+def tokenizer_workdir_of(config: ml_collections.ConfigDict,
+                         workdir: str) -> str:
   """The stage-1 run that `config` names, or the one beside a moved run.
 
   A stage-2 run records its tokenizer's absolute path; after the two runs
@@ -300,7 +303,7 @@ def load_run(workdir: str | None = None, checkpoint: str | None = None,
   config = ml_collections.ConfigDict(ckpt.read_meta(step).get('config') or {})
   if config.get('stage') != 2:
     raise ValueError(f'{workdir} step {step} is not a stage-2 run.')
-  tok = tokenizer_lib.load_stage1(_tokenizer_workdir(config, workdir), mesh)
+  tok = tokenizer_lib.load_stage1(tokenizer_workdir_of(config, workdir), mesh)
   model, layout = build_model(config, tok)
   # Only the params: the optimizer state is neither built nor read.
   variables, step = ckpt.restore_fields(_replicated_params(model, mesh),

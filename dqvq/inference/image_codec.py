@@ -1,15 +1,14 @@
 """DQ-Transformer image coding as a library: images <-> .dqvq bytes.
 
-What `Generator.compress` / `Generator.decompress` and the
-`python -m dqvq.codec` verb call. Each image is encoded by the generator's
-tokenizer into coarse-to-fine token streams (`dqvq.sequence`), which are
-range-coded with the transformer's own probabilities (`dqvq.inference.stream_coder`)
-inside the `dqvq.inference.codec_format` container. Decoding replays the same compiled
+What `Generator.compress` / `Generator.decompress` and the `python -m
+dqvq.codec` verb call. Each image is encoded by the generator's tokenizer into
+coarse-to-fine token streams (`dqvq.sequence`), which are range-coded with the
+transformer's own probabilities (`dqvq.inference.stream_coder`) inside the
+`dqvq.inference.codec_format` container. Decoding replays the same compiled
 KV-cached steps with the decoded tokens, so it gives back exactly the coded
-tokens, and the image is the tokenizer's decode of them. `measure_bits` puts
-the file sizes beside the model's cross-entropy and the fixed-rate count. A
-damaged, truncated or foreign file, or one from another generator, raises
-`CodecError`.
+tokens, and the image is the tokenizer's decode of them. `measure_bits` puts the
+file sizes beside the model's cross-entropy and the fixed-rate count. A damaged,
+truncated or foreign file, or one from another generator, raises `CodecError`.
 """
 
 from __future__ import annotations
@@ -21,9 +20,9 @@ import jax
 import numpy as np
 
 from dqvq.inference import codec_format
-from dqvq import sequence
 from dqvq.inference import stream_coder
 from dqvq.inference import tokenizer as tokenizer_lib
+from dqvq import sequence
 
 CodecError = codec_format.CodecError
 

@@ -27,11 +27,11 @@ lowers) are pinned for the two steps; GPU autotuning is not (untested). The
 file's checksum covers the decoded tokens, so any divergence is an error,
 never a wrong image.
 
-Cost. Two compiled calls and two host round trips per token: 0.4 s to
-encode and 0.2-0.3 s to decode a 64 px demo image (160 codes) on a busy
-2-core CPU (benchmarks/codec_rd.py). Paper-size models
-take the same number of much larger steps; batching images would need a
-fixed batch layout on both sides and is not done.
+Cost. Two compiled calls and two host round trips per token, so the time
+grows with the number of codes (measured by `benchmarks/codec_rd.py`, in
+benchmarks/README.md). Paper-size models take the same number of much
+larger steps; batching images would need a fixed batch layout on both sides
+and is not done.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dqvq.inference import codec_format
+from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq import sampling
 from dqvq import sequence
-from dqvq.inference import tokenizer as tokenizer_lib
 
 # Frequencies sum to 2**PRECISION: the range coder's own model precision.
 PRECISION = 24

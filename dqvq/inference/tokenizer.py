@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dqvq.models import dqvae
-from dqvq.inference import bundle as bundle_lib
 from dqvq import checkpoint as ckpt_lib
 from dqvq.cpu import tuning as cpu_tuning
+from dqvq.inference import bundle as bundle_lib
+from dqvq.models import dqvae
 from dqvq import sharding
 
 Array = jax.Array

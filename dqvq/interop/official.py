@@ -27,8 +27,8 @@ import ml_collections
 import numpy as np
 
 from dqvq import config_lib
-from dqvq import sequence
 from dqvq.models import entropy as entropy_lib
+from dqvq import sequence
 
 Shapes = Mapping[str, tuple[int, ...]]
 THRESHOLDS_HINT = (

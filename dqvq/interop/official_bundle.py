@@ -12,13 +12,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from dqvq import sharding
 from dqvq.inference import bundle as bundle_lib
 from dqvq.inference import generator as generator_lib
 from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq.interop import official
 from dqvq.models import dqvae
 from dqvq.models import transformer as transformer_lib
+from dqvq import sharding
 
 
 def _report(kind: str, config: Any, table: Sequence[official.Entry],

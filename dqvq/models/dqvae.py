@@ -99,11 +99,11 @@ class DQVAE(nn.Module):
   # Eq. 6 and the official code, the merged features times the chosen soft
   # score; its gradient only says whether the chosen branch should grow, not
   # whether the other branch would do better, so the gate learns the budget
-  # but hardly a ranking (README, the study). 'mixture': the merged features
-  # are the straight-through mix sum_k gate_k * features_k, whose gradient
-  # on the logits is <dL/dz, features_fine - features_coarse>: which branch
-  # would lower the loss, region by region. 'codes': the same comparison on
-  # what the decoder receives, each grain's *quantized* features
+  # but hardly a ranking (benchmarks/README.md, the study). 'mixture': the
+  # merged features are the straight-through mix sum_k gate_k * features_k,
+  # whose gradient on the logits is <dL/dz, features_fine - features_coarse>:
+  # which branch would lower the loss, region by region. 'codes': the same
+  # comparison on what the decoder receives, each grain's *quantized* features
   # <dL/dq, q_fine - q_coarse>: a coarse region's one code replicated over
   # its cells against the fine codes, which is where the grains differ (the
   # continuous features of both can be close while their codes are not).

@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dqvq.models import frozen_weights
+
 Array = jax.Array
 
 FID_SIZE = 299
@@ -261,28 +263,14 @@ def init_inception_params(seed: int = 0) -> dict[str, Any]:
 
 def check_inception_params(params: Any, where: str) -> None:
   """Raises ValueError naming every missing, extra or mis-shaped leaf."""
-  flat = lambda t: {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in
-                    jax.tree_util.tree_flatten_with_path(t)[0]}
-  want, got = flat(abstract_inception_params()), flat(params)
-  problems = [f'missing {k}' for k in sorted(want.keys() - got.keys())]
-  problems += [f'unexpected {k}' for k in sorted(got.keys() - want.keys())]
-  problems += [f'{k}: shape {got[k]}, expected {want[k]}'
-               for k in sorted(want.keys() & got.keys()) if got[k] != want[k]]
-  if problems:
-    raise ValueError(
-        f'{where}: params do not match FIDInception: '
-        + '; '.join(problems[:20])
-        + (f' (and {len(problems) - 20} more)' if len(problems) > 20 else '')
-        + f'. Re-create them with: {CONVERT_HINT}')
+  frozen_weights.check(params, abstract_inception_params(),
+                       what='FIDInception', where=where, hint=CONVERT_HINT)
 
 
 def save_inception_params(params: Any, path: str | os.PathLike[str]) -> None:
   """Writes params as an Orbax checkpoint directory (must not exist yet)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  check_inception_params(params, where='save_inception_params')
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(os.fspath(path)),
-               jax.tree.map(np.asarray, params))
+  frozen_weights.save(params, path, abstract_inception_params(),
+                      what='FIDInception', hint=CONVERT_HINT)
 
 
 def load_inception_params(path_or_random: str, *,
@@ -301,20 +289,9 @@ def load_inception_params(path_or_random: str, *,
                     '"random"): FID and IS values are not meaningful.')
     return init_inception_params(seed)
   path = os.path.abspath(os.fspath(path_or_random))
-  if not os.path.isdir(path):
-    raise (ValueError if os.path.exists(path) else FileNotFoundError)(
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(
         f'FID Inception weights must be the Orbax checkpoint directory made '
         f'by `{CONVERT_HINT}`; {path} is not one.')
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  where = f'load_inception_params({path})'
-  with ocp.PyTreeCheckpointer() as ckptr:
-    try:
-      tree = ckptr.metadata(path).item_metadata.tree
-    except Exception as e:  # pylint: disable=broad-exception-caught
-      raise ValueError(f'{path} is not a readable Orbax checkpoint ({e}). '
-                       f'Re-create it with: {CONVERT_HINT}') from e
-    check_inception_params(tree, where)  # Before reading 95 MB of arrays.
-    params = ckptr.restore(path, restore_args=jax.tree.map(
-        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
-  check_inception_params(params, where)
-  return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+  return frozen_weights.load(path, abstract_inception_params(),
+                             what='FIDInception', hint=CONVERT_HINT)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dqvq.models import frozen_weights
 from dqvq.models.layers import Conv
 
 Array = jax.Array
@@ -182,28 +183,14 @@ def abstract_lpips_params() -> dict[str, Any]:
 
 def save_lpips_params(params: Any, path: str | os.PathLike[str]) -> None:
   """Writes params as an Orbax checkpoint directory (must not exist yet)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  check_lpips_params(params, where='save_lpips_params')
-  params = jax.tree.map(np.asarray, params)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(os.fspath(path)), params)
+  frozen_weights.save(params, path, abstract_lpips_params(), what='LPIPS',
+                      hint=CONVERT_HINT)
 
 
 def check_lpips_params(params: Any, where: str) -> None:
   """Raises ValueError naming every missing, extra or mis-shaped leaf."""
-  want = {jax.tree_util.keystr(k): v.shape for k, v in
-          jax.tree_util.tree_flatten_with_path(abstract_lpips_params())[0]}
-  got = {jax.tree_util.keystr(k): np.shape(v) for k, v in
-         jax.tree_util.tree_flatten_with_path(params)[0]}
-  problems = [f'missing {k}' for k in sorted(want.keys() - got.keys())]
-  problems += [f'unexpected {k}' for k in sorted(got.keys() - want.keys())]
-  problems += [f'{k}: shape {got[k]}, expected {want[k]}'
-               for k in sorted(want.keys() & got.keys())
-               if tuple(got[k]) != tuple(want[k])]
-  if problems:
-    raise ValueError(
-        f'{where}: LPIPS params do not match the LPIPS module: '
-        + '; '.join(problems) + f'. Re-create them with: {CONVERT_HINT}')
+  frozen_weights.check(params, abstract_lpips_params(), what='LPIPS',
+                       where=where, hint=CONVERT_HINT)
 
 
 def load_lpips_params(path: str | None, *, seed: int = 0) -> dict[str, Any]:
@@ -232,26 +219,5 @@ def load_lpips_params(path: str | None, *, seed: int = 0) -> dict[str, Any]:
     logging.warning('LPIPS is RANDOMLY initialised (weights path "random"): '
                     'the perceptual loss is not meaningful.')
     return init_lpips_params(seed)
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f'LPIPS weights not found at {path}. Create them with: {CONVERT_HINT}')
-  if not os.path.isdir(path):
-    raise ValueError(
-        f'{path} is a file; LPIPS weights are an Orbax checkpoint directory. '
-        f'Convert PyTorch weights with: {CONVERT_HINT}')
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  with ocp.PyTreeCheckpointer() as ckptr:
-    try:
-      tree = ckptr.metadata(path).item_metadata.tree
-    except Exception as e:  # pylint: disable=broad-exception-caught
-      raise ValueError(
-          f'{path} is not a readable Orbax checkpoint ({e}). Re-create it '
-          f'with: {CONVERT_HINT}') from e
-    # Check names and shapes before reading 59 MB of arrays.
-    check_lpips_params(tree, where=f'load_lpips_params({path})')
-    restore_args = jax.tree.map(
-        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    params = ckptr.restore(path, restore_args=restore_args)
-  check_lpips_params(params, where=f'load_lpips_params({path})')
-  return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+  return frozen_weights.load(path, abstract_lpips_params(), what='LPIPS',
+                             hint=CONVERT_HINT)

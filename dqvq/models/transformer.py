@@ -58,9 +58,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dqvq import sequence
 from dqvq.models import attention
 from dqvq.models import granularity as grain_lib
+from dqvq import sequence
 
 Array = jax.Array
 

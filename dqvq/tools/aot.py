@@ -136,10 +136,10 @@ def check(config: Any, devices: Sequence[Any], *, data: int = -1,
   """
   # pylint: disable=g-import-not-at-top
   import jax
-  from dqvq.trainers import checks
-  from dqvq import sharding
-  from dqvq.cpu import tuning as cpu_tuning
   from dqvq.cpu import fast_conv
+  from dqvq.cpu import tuning as cpu_tuning
+  from dqvq import sharding
+  from dqvq.trainers import checks
   # pylint: enable=g-import-not-at-top
   checks.validate_config(config, num_devices=len(devices),
                               tokenizer_ready=config.stage == 1)

@@ -14,10 +14,10 @@ import jax
 import ml_collections
 
 from dqvq import config_lib
-from dqvq import sequence
-from dqvq import sharding
 from dqvq.models import dqvae
 from dqvq.models import transformer as transformer_lib
+from dqvq import sequence
+from dqvq import sharding
 
 
 def validate_config(c: ml_collections.ConfigDict,

@@ -34,13 +34,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from dqvq import checkpoint as ckpt_lib
-from dqvq.trainers import checks
+from dqvq.data import pipeline
 from dqvq import metrics as metrics_lib
 from dqvq import sharding
-from dqvq import visualize
-from dqvq.data import pipeline
-from dqvq.trainers import task as task_lib
+from dqvq.trainers import checks
 from dqvq.trainers import stage1
+from dqvq.trainers import task as task_lib
+from dqvq import visualize
 
 
 def device_batch(host_batch, mesh, keys) -> dict[str, jax.Array]:

@@ -28,14 +28,14 @@ import optax
 from dqvq import config_lib
 from dqvq.cpu import tuning as cpu_tuning
 from dqvq import losses
-from dqvq import sharding
-from dqvq import visualize
 from dqvq.models import discriminator as disc_lib
 from dqvq.models import dqvae
 from dqvq.models import perceptual
 from dqvq.models import quantizer
+from dqvq import sharding
 from dqvq.trainers import optim
 from dqvq.trainers import task as task_lib
+from dqvq import visualize
 
 Array = jax.Array
 
@@ -56,8 +56,9 @@ class Stage1State:
 
 
 @flax.struct.dataclass
-class Stage1Models:
-  """Static modules and frozen weights for the step (closed over, not state)."""
+class Stage1Setup:
+  """What a stage-1 step closes over (not state): the modules, their
+  optimizers, the schedule and the config."""
   vae: dqvae.DQVAE = flax.struct.field(pytree_node=False)
   disc: disc_lib.NLayerDiscriminator | None = flax.struct.field(
       pytree_node=False)
@@ -78,7 +79,7 @@ def uses_lpips(config: ml_collections.ConfigDict) -> bool:
 
 
 def build_models(config: ml_collections.ConfigDict,
-                 cpu_kernels: bool = False) -> Stage1Models:
+                 cpu_kernels: bool = False) -> Stage1Setup:
   """The step's modules; `cpu_kernels` from the mesh (dqvq.cpu.tuning)."""
   dtype = config_lib.compute_dtype(config)
   vae = dqvae.from_config(config.model, dtype, cpu_kernels=cpu_kernels)
@@ -98,10 +99,10 @@ def build_models(config: ml_collections.ConfigDict,
   if uses_lpips(config):
     lpips = perceptual.LPIPS(dropout=config.loss.lpips_dropout, dtype=dtype,
                              cpu_kernels=cpu_kernels)
-  return Stage1Models(vae, disc, lpips, tx, disc_tx, schedule, config)
+  return Stage1Setup(vae, disc, lpips, tx, disc_tx, schedule, config)
 
 
-def init_state(models: Stage1Models, rng: Array,
+def init_state(models: Stage1Setup, rng: Array,
                image_shape: tuple[int, ...]) -> Stage1State:
   """Fresh state; jit it with out_shardings to create it sharded."""
   init_rng, disc_rng, state_rng = jax.random.split(rng, 3)
@@ -128,7 +129,7 @@ def _rngs(state: Stage1State) -> dict[str, Array]:
   return dict(zip(('gumbel', 'restart', 'router', 'dropout'), keys))
 
 
-def _disc_logits(models: Stage1Models, params: Any, stats: Any,
+def _disc_logits(models: Stage1Setup, params: Any, stats: Any,
                  images: Array) -> tuple[Array, Any]:
   """Discriminator logits (float32) and its updated batch statistics."""
   logits, new = models.disc.apply(
@@ -137,7 +138,7 @@ def _disc_logits(models: Stage1Models, params: Any, stats: Any,
   return logits.astype(jnp.float32), new['batch_stats']
 
 
-def generator_gradients(models: Stage1Models, state: Stage1State,
+def generator_gradients(models: Stage1Setup, state: Stage1State,
                         batch: dict[str, Array], lpips_params: Any
                         ) -> tuple[Any, Array, Any, dict[str, Array]]:
   """The generator loss's gradient from one forward: (grads, x_hat, codebook,
@@ -206,7 +207,7 @@ def generator_gradients(models: Stage1Models, state: Stage1State,
   return grads, x_hat, codebook, metrics
 
 
-def train_step(models: Stage1Models, state: Stage1State,
+def train_step(models: Stage1Setup, state: Stage1State,
                batch: dict[str, Array], lpips_params: Any
                ) -> tuple[Stage1State, dict[str, Array]]:
   """One generator + discriminator update from a single generator forward."""
@@ -248,7 +249,7 @@ def train_step(models: Stage1Models, state: Stage1State,
   return new_state, metrics
 
 
-def eval_step(models: Stage1Models, state: Stage1State,
+def eval_step(models: Stage1Setup, state: Stage1State,
               batch: dict[str, Array]) -> dict[str, Array]:
   """Per-batch sums over real (unpadded) examples; the loop divides."""
   x = batch['image']
@@ -271,7 +272,7 @@ def eval_step(models: Stage1Models, state: Stage1State,
   return {'sums': sums, 'code_counts': counts}
 
 
-def reconstruct(models: Stage1Models, state: Stage1State,
+def reconstruct(models: Stage1Setup, state: Stage1State,
                 images: Array) -> dict[str, Array]:
   """Reconstructions and grain maps for pictures (eval mode), and with
   several grains also the all-coarsest and all-finest reconstructions."""
@@ -354,7 +355,7 @@ def make_task(config: ml_collections.ConfigDict, workdir: str,
     del frozen, step
     images = host_batch['image'][: config.num_images]
     out = jax.device_get(recon_fn(state, jnp.asarray(images)))
-    return visualize.stage1_panel(
+    return visualize.coding_panel(
         images, out['reconstruction'], out['grain_map'],
         models.vae.num_grains, grain_factors=models.vae.grain_factors,
         min_size=128, extra=[out[k] for k in ('coarse_only', 'fine_only')
@@ -371,6 +372,6 @@ def make_task(config: ml_collections.ConfigDict, workdir: str,
       frozen=lpips_params_for(config), batch_keys=('image', 'label', 'mask'))
 
 
-__all__ = ['Stage1State', 'Stage1Models', 'build_models', 'init_state',
-           'generator_gradients', 'train_step', 'eval_step', 'reconstruct', 'lpips_params_for',
-           'make_task']
+__all__ = ['Stage1State', 'Stage1Setup', 'build_models', 'init_state',
+           'generator_gradients', 'train_step', 'eval_step', 'reconstruct',
+           'lpips_params_for', 'make_task']

@@ -26,14 +26,14 @@ import numpy as np
 import optax
 
 from dqvq import config_lib
+from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq import losses
+from dqvq.models import transformer as transformer_lib
 from dqvq import sequence
 from dqvq import sharding
-from dqvq.inference import tokenizer as tokenizer_lib
-from dqvq import visualize
-from dqvq.models import transformer as transformer_lib
 from dqvq.trainers import optim
 from dqvq.trainers import task as task_lib
+from dqvq import visualize
 
 Array = jax.Array
 
@@ -47,7 +47,9 @@ class Stage2State:
 
 
 @flax.struct.dataclass
-class Stage2Models:
+class Stage2Setup:
+  """What a stage-2 step closes over (not state): the transformer, its token
+  layout, optimizer, schedule and the config."""
   model: transformer_lib.DQTransformer = flax.struct.field(pytree_node=False)
   layout: sequence.StreamLayout = flax.struct.field(pytree_node=False)
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
@@ -56,16 +58,16 @@ class Stage2Models:
 
 
 def build_models(config: ml_collections.ConfigDict,
-                 layout: sequence.StreamLayout) -> Stage2Models:
+                 layout: sequence.StreamLayout) -> Stage2Setup:
   """The transformer (`transformer_lib.from_config`) and its optimizer."""
   model = transformer_lib.from_config(config.model, layout,
                                       config_lib.compute_dtype(config))
   schedule = optim.learning_rate_schedule(config)
-  return Stage2Models(model, layout, optim.adamw(config, schedule), schedule,
+  return Stage2Setup(model, layout, optim.adamw(config, schedule), schedule,
                       config)
 
 
-def init_state(models: Stage2Models, rng: Array) -> Stage2State:
+def init_state(models: Stage2Setup, rng: Array) -> Stage2State:
   init_rng, state_rng = jax.random.split(rng)
   params = nn.unbox(
       transformer_lib.init_variables(models.model, init_rng)['params'])
@@ -73,7 +75,7 @@ def init_state(models: Stage2Models, rng: Array) -> Stage2State:
                      opt_state=models.tx.init(params), rng=state_rng)
 
 
-def state_shardings(models: Stage2Models, mesh: jax.sharding.Mesh,
+def state_shardings(models: Stage2Setup, mesh: jax.sharding.Mesh,
                     abstract: Stage2State) -> Any:
   boxed = jax.eval_shape(
       lambda r: transformer_lib.init_variables(models.model, r),
@@ -93,7 +95,7 @@ def codes_of(batch: dict[str, Array], tok: tokenizer_lib.Tokenizer
           jax.lax.stop_gradient(out['grain_map']))
 
 
-def _labels(models: Stage2Models, batch: dict[str, Array],
+def _labels(models: Stage2Setup, batch: dict[str, Array],
             rng: Array | None) -> Array | None:
   lay = models.layout
   if not lay.num_classes:
@@ -121,7 +123,7 @@ def _forward(models, params, batch, tok, train, rngs=None):
   return sums, streams, con_logits
 
 
-def train_step(models: Stage2Models, state: Stage2State,
+def train_step(models: Stage2Setup, state: Stage2State,
                batch: dict[str, Array], tok: tokenizer_lib.Tokenizer
                ) -> tuple[Stage2State, dict[str, Array]]:
   cfg = models.config
@@ -146,7 +148,7 @@ def train_step(models: Stage2Models, state: Stage2State,
                        opt_state=opt_state), metrics
 
 
-def eval_step(models: Stage2Models, state: Stage2State,
+def eval_step(models: Stage2Setup, state: Stage2State,
               batch: dict[str, Array], tok: tokenizer_lib.Tokenizer
               ) -> dict[str, Array]:
   sums, streams, _ = _forward(models, state.params, batch, tok, False)
@@ -156,7 +158,7 @@ def eval_step(models: Stage2Models, state: Stage2State,
   return sums
 
 
-def summarize(models: Stage2Models, sums: dict[str, Any]) -> dict[str, float]:
+def summarize(models: Stage2Setup, sums: dict[str, Any]) -> dict[str, float]:
   out = losses.token_losses(
       {k: jnp.asarray(v) for k, v in sums.items()}, models.layout.num_grains,
       models.config.loss.content_weight, models.config.loss.position_weight)
@@ -166,7 +168,7 @@ def summarize(models: Stage2Models, sums: dict[str, Any]) -> dict[str, float]:
   return result
 
 
-def teacher_forced(models: Stage2Models, state: Stage2State,
+def teacher_forced(models: Stage2Setup, state: Stage2State,
                    batch: dict[str, Array], tok: tokenizer_lib.Tokenizer
                    ) -> dict[str, Array]:
   """Images from the true tokens and from the model's top-1 next codes.
@@ -232,7 +234,7 @@ def make_task(config: ml_collections.ConfigDict, workdir: str,
     n = config.num_images
     batch = {k: np.asarray(host_batch[k][:n]) for k in batch_keys}
     out = jax.device_get(recon_fn(state, batch, frozen))
-    return visualize.stage1_panel(
+    return visualize.coding_panel(
         out['true'], out['predicted'], out['grain_map'], layout.num_grains,
         grain_factors=tok.vae.grain_factors, min_size=128)
 

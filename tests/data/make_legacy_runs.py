@@ -17,10 +17,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from conftest import load_config  # pylint: disable=g-import-not-at-top
-from dqvq.inference import generator  # pylint: disable=g-import-not-at-top
-from dqvq import token_choice  # pylint: disable=g-import-not-at-top
-from dqvq.inference import tokenizer  # pylint: disable=g-import-not-at-top
 from dqvq.data import demo  # pylint: disable=g-import-not-at-top
+from dqvq.inference import generator  # pylint: disable=g-import-not-at-top
+from dqvq.inference import tokenizer  # pylint: disable=g-import-not-at-top
+from dqvq import token_choice  # pylint: disable=g-import-not-at-top
 from dqvq.trainers import loop  # pylint: disable=g-import-not-at-top
 
 
