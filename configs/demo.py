@@ -12,7 +12,8 @@ the paper's {8, 16} gives at 128 pixels).
 
 Router: the paper's learned feature router, trained with the budget loss
 (r_fine = 0.5) and three of dqvq's options, without which it did not learn to
-rank regions in this budget (README, "Training the learned router"):
+rank regions in this budget (benchmarks/README.md, "Training the learned
+router"):
 `router_target='gain'` (a cross-entropy towards the regions where fine codes
 lower each batch's error most; paper Eq. 6 alone left it at +0.1 dB over
 random regions), `router_inputs='mean_std'` (the gate also sees each fine
