@@ -36,8 +36,8 @@ from benchmarks import stage2_common
 from benchmarks import stage2_step
 from dqvq import config_lib
 from dqvq import losses
-from dqvq import sequence
 from dqvq.cpu import tuning as cpu_tuning
+from dqvq.models import transformer as transformer_lib
 from dqvq.trainers import stage2
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -68,24 +68,14 @@ def main() -> None:
   args = p.parse_args()
 
   config = config_lib.stage2_config()
+  if args.tiny:
+    config.model.update(transformer_lib.tiny_kwargs())
+    config.model.block_size = 2048  # the paper layout's 1,283 inputs
   config.batch_size = args.batch
-  tok = stage2_step.weightless_tokenizer()
-  res = config.data.resolution
-  grids = [res // f for f in tok.vae.grain_factors]
-  codes, grain_map, labels = stage2_common.random_maps(
-      args.batch, args.seed, args.fine_ratio, grids[0], grids[-1],
-      tok.vae.codebook_size, config.model.num_classes)
-  if args.capacities == 'batch':
-    config.model.capacities = stage2_common.batch_capacities(
-        grain_map, (grids[-1] // grids[0]) ** 2)
-  elif args.capacities:
-    config.model.capacities = tuple(int(c) for c in args.capacities.split(','))
-  layout = sequence.layout_from_config(config, tok.vae)
+  tok, layout, batch = stage2_step.token_batch(config, args)
   models = stage2.build_models(config, layout)
   state = jax.jit(functools.partial(stage2.init_state, models))(
       jax.random.key(0))
-  batch = {'codes': jnp.asarray(codes), 'grain_map': jnp.asarray(grain_map),
-           'label': jnp.asarray(labels), 'mask': jnp.ones((args.batch,), bool)}
   rngs = {'dropout': jax.random.key(1), 'label': jax.random.key(2)}
 
   def loss(params):

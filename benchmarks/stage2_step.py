@@ -68,6 +68,31 @@ def weightless_tokenizer() -> tokenizer_lib.Tokenizer:
                                  config=config)
 
 
+def token_batch(config: Any, args: argparse.Namespace
+                ) -> tuple[tokenizer_lib.Tokenizer, sequence.StreamLayout,
+                           dict[str, Any]]:
+  """(tokenizer, layout, device batch) of the flags; sets the capacities.
+
+  `args.capacities`: '' (every cell), 'C,F', or 'batch' (each stream as
+  long as the batch's longest, the length the official pads to).
+  """
+  tok = weightless_tokenizer()
+  res = config.data.resolution
+  grids = [res // f for f in tok.vae.grain_factors]
+  codes, grain_map, labels = stage2_common.random_maps(
+      args.batch, args.seed, args.fine_ratio, grids[0], grids[-1],
+      tok.vae.codebook_size, config.model.num_classes)
+  if args.capacities == 'batch':
+    config.model.capacities = stage2_common.batch_capacities(
+        grain_map, (grids[-1] // grids[0]) ** 2)
+  elif args.capacities:
+    config.model.capacities = tuple(int(c) for c in args.capacities.split(','))
+  batch = {'codes': jnp.asarray(codes), 'grain_map': jnp.asarray(grain_map),
+           'label': jnp.asarray(labels),
+           'mask': jnp.ones((args.batch,), bool)}
+  return tok, sequence.layout_from_config(config, tok.vae), batch
+
+
 def compile_step(models: stage2.Stage2Setup, *args: Any) -> tuple[Any, float]:
   """`stage2.train_step` jitted and compiled as `dqvq.train` runs it.
 
@@ -118,26 +143,11 @@ def main() -> None:
   config.model.remat = args.remat
   config.compute_dtype = 'bfloat16' if args.bf16 else 'float32'
   config.batch_size = args.batch
-  tok = weightless_tokenizer()
-  res = config.data.resolution
-  grids = [res // f for f in tok.vae.grain_factors]
-  codes, grain_map, labels = stage2_common.random_maps(
-      args.batch, args.seed, args.fine_ratio, grids[0], grids[-1],
-      tok.vae.codebook_size, config.model.num_classes)
-  if args.capacities == 'batch':
-    config.model.capacities = stage2_common.batch_capacities(
-        grain_map, (grids[-1] // grids[0]) ** 2)
-  elif args.capacities:
-    config.model.capacities = tuple(int(c) for c in args.capacities.split(','))
-  layout = sequence.layout_from_config(config, tok.vae)
+  tok, layout, batch = token_batch(config, args)
   models = stage2.build_models(config, layout)
   state = jax.jit(functools.partial(stage2.init_state, models))(
       jax.random.key(config.seed))
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
-
-  batch = {'codes': jnp.asarray(codes), 'grain_map': jnp.asarray(grain_map),
-           'label': jnp.asarray(labels),
-           'mask': jnp.ones((args.batch,), bool)}
   compiled, flops = compile_step(models, state, batch, tok)
   if args.compile_only:
     return
@@ -149,7 +159,7 @@ def main() -> None:
     return float(run['metrics']['loss'])
 
   median = stage2_common.time_steps(step, args.steps)
-  print(f'{stage2_common.describe(np.asarray(grain_map))}; ours '
+  print(f'{stage2_common.describe(np.asarray(batch["grain_map"]))}; ours '
         f'{layout.length - 1} inputs (capacities {layout.stream_capacities}, '
         f'truncated {float(run["metrics"]["truncated"]):.2f})')
   print(f'median step {median:.2f} s, {flops / 1e9:.1f} GFLOP per step '
