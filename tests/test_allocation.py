@@ -69,6 +69,17 @@ def test_study_figures_on_a_tiny_model(demo_data_dir):
   assert row['random_std'] >= 0 and row['code_length'] > 0
   text = study_eval.markdown(res)
   assert '| 0.5 |' in text and '| all fine |' in text
+  # Held to a budget, every image codes exactly its quota (Table 5's row
+  # 'at budget'): round(25%) of the regions fine, the rest coarse.
+  batches = study_eval.validation_batches(c)
+  held = study_eval.coding_figures(
+      study_eval.Model(c, state, grain_ratios=(0.75, 0.25)), batches)
+  regions = (c.data.resolution // c.model.grain_factors[0]) ** 2
+  fine = round(0.25 * regions)
+  expected = (regions - fine) + fine * (
+      c.model.grain_factors[0] // c.model.grain_factors[1]) ** 2
+  assert held['code_length_mean'] == expected
+  assert held['code_length_var'] == 0
 
 
 def test_study_set_overrides_known_fields_only():
