@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from conftest import cached_logits
-from conftest import load_config
 from dqvq.models import transformer as tr_lib
 from dqvq import sampling
 from dqvq import sequence
+from dqvq import stream_legality
 
 DUAL = sequence.StreamLayout((4, 8), 16)
 DUAL_CFG = sequence.StreamLayout((4, 8), 16, num_classes=3, null_class=True)
@@ -166,7 +166,7 @@ def test_cfg_scale_zero_is_the_null_class_path():
   plain = sampling.make_sampler(model, sampling.SamplingConfig())(
       params, null, key)
   # Same tokens; only the sos/class slots carry the asked labels.
-  relabeled = sampling.relabel(dict(guided), layout, null)
+  relabeled = stream_legality.relabel(dict(guided), layout, null)
   for name in ('content', 'position', 'pad'):
     np.testing.assert_array_equal(relabeled[name], plain[name])
   with pytest.raises(ValueError, match='null_class'):

@@ -99,6 +99,18 @@ def _weight_grad_sharding(x: Array, kernel_sharding: Any) -> Any:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
 
 
+def _tap_rows(x_pad: Array, i: int, j: int, ho: int, wo: int,
+              strides: tuple[int, int]) -> Array:
+  """(B*Ho*Wo, Cin): the padded input's pixels that kernel tap (i, j) meets,
+  one row per output pixel."""
+  b, _, _, cin = x_pad.shape
+  sh, sw = strides
+  window = lax.slice(x_pad, (0, i, j, 0),
+                     (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, cin),
+                     (1, sh, sw, 1))
+  return window.reshape(b * ho * wo, cin)
+
+
 def _weight_grad_taps(x: Array, dy: Array, kernel_shape: Sequence[int],
                       strides: tuple[int, int], padding: PadPairs,
                       precision: Any, dtype: Any,
@@ -112,7 +124,6 @@ def _weight_grad_taps(x: Array, dy: Array, kernel_shape: Sequence[int],
   """
   kh, kw, cin, cout = kernel_shape
   b, ho, wo, _ = dy.shape
-  sh, sw = strides
   zero = jnp.zeros((), x.dtype)
   x_pad = lax.pad(x, zero, ((0, 0, 0), (*padding[0], 0), (*padding[1], 0),
                             (0, 0, 0)))
@@ -121,12 +132,8 @@ def _weight_grad_taps(x: Array, dy: Array, kernel_shape: Sequence[int],
   taps = []
   for i in range(kh):
     for j in range(kw):
-      window = lax.slice(
-          x_pad, (0, i, j, 0),
-          (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, cin),
-          (1, sh, sw, 1))
       taps.append(lax.dot_general(
-          window.reshape(b * ho * wo, cin), dy_rows,
+          _tap_rows(x_pad, i, j, ho, wo, strides), dy_rows,
           (((0,), (0,)), ((), ())), precision=precision,
           preferred_element_type=jnp.float32, out_sharding=out_sharding))
   return jnp.stack(taps).reshape(kh, kw, cin, cout).astype(dtype)
@@ -269,11 +276,8 @@ def _strided_conv_taps(x: Array, kernel: Array, strides: tuple[int, int],
   acc = None
   for i in range(kh):
     for j in range(kw):
-      window = lax.slice(
-          x_pad, (0, i, j, 0),
-          (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, cin),
-          (1, sh, sw, 1))
-      tap = lax.dot_general(window.reshape(b * ho * wo, cin), kernel[i, j],
+      tap = lax.dot_general(_tap_rows(x_pad, i, j, ho, wo, strides),
+                            kernel[i, j],
                             (((1,), (0,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32)
       acc = tap if acc is None else acc + tap

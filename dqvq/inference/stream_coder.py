@@ -14,7 +14,7 @@ two compiled KV-cached steps (`DQTransformer.decode_position`, then
 token as the decoder does, never with the tokens still to come), on one
 device. The host turns each step's float32 logits into integer frequencies
 with one function (`quantize`). The alphabet of each token is its legal
-set, by the sampler's own rules (`sampling._legal_positions`: uncovered
+set, by the sampler's own rules (`stream_legality.legal_positions`: uncovered
 cells of the stream's grid, eos when allowed, the finest stream forced in
 raster order; codes 0..V-1), so no bit goes to an impossible token, a
 forced token costs nothing, and no payload, however damaged, decodes to an
@@ -50,6 +50,7 @@ from dqvq.inference import codec_format
 from dqvq.inference import tokenizer as tokenizer_lib
 from dqvq import sampling
 from dqvq import sequence
+from dqvq import stream_legality
 
 # Frequencies sum to 2**PRECISION: the range coder's own model precision.
 PRECISION = 24
@@ -124,7 +125,7 @@ class StreamCoder:
     self.tokenizer = jax.device_put(gen.tokenizer, self.device)
     self.fingerprint = generator_fingerprint(gen)
     model, lay = gen.model, gen.layout
-    tables = sampling._budget_tables(  # pylint: disable=protected-access
+    tables = stream_legality.budget_tables(
         lay, sampling.SamplingConfig())
     t_in = lay.length - 1
     grain_ids = lay.grain_ids()
@@ -141,7 +142,7 @@ class StreamCoder:
           {'params': params}, tokens, t, key_valid, cache,
           method=model.decode_position)
       _, writes = sequence.decode(buf['content'], buf['position'], lay)
-      legal = sampling._legal_positions(  # pylint: disable=protected-access
+      legal = stream_legality.legal_positions(
           writes.reshape(1, -1) > 0, count[None], k, lay, tables)
       return logits[0], legal[0], h_p, cache
 
@@ -179,7 +180,7 @@ class StreamCoder:
     next stream's sos; the finest eos ends the image.
     """
     lay, v = self.layout, self.layout.codebook_size
-    buf = {name: np.array(a) for name, a in sampling.initial_streams(
+    buf = {name: np.array(a) for name, a in stream_legality.initial_streams(
         lay, jnp.array([label], jnp.int32)).items()}
     cache = jax.device_put(self.gen.model.init_cache(1), self.device)
     cache_p, cache_c = cache['position'], cache['content']
