@@ -137,7 +137,7 @@ def stage1_config(arg: str | None = None) -> ml_collections.ConfigDict:
       disc_weight=1.0, disc_weight_max=0.75, disc_start=0,
       budget_kind='official', budget_weight=10.0,
       # Weight of the feature router's 'router_loss' (config.model.
-      # router_target='gain'); unused otherwise.
+      # router_target 'gain' or 'error'); unused otherwise.
       router_weight=1.0))
   c.lpips_weights = ''                # dir from `python -m dqvq.convert lpips`,
   #                                     or 'random' (tests only)

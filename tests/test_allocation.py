@@ -80,6 +80,22 @@ def test_study_figures_on_a_tiny_model(demo_data_dir):
       c.model.grain_factors[0] // c.model.grain_factors[1]) ** 2
   assert held['code_length_mean'] == expected
   assert held['code_length_var'] == 0
+  # Figure 5's reference points: the same per-image counts at the fixed
+  # model's worst regions cannot score below the router's choice.
+  model = study_eval.Model(c, state)
+  fig = study_eval.figure5(model, model, batches)
+  for key in ('auroc', 'ranking', 'ceiling', 'gain_oracle'):
+    assert 0.0 <= fig[key] <= 1.0, key
+  assert fig['ceiling'] >= fig['auroc'] - 1e-9
+  assert fig['regions'] == 16 * regions
+  # Table 6's in-distribution reference: fresh crops of the training
+  # photographs, the same ones every call.
+  crops = study_eval.training_crops(c, 12)
+  again = study_eval.training_crops(c, 12)
+  assert sum(len(x) for x, _ in crops) >= 12
+  np.testing.assert_array_equal(crops[0][0], again[0][0])
+  assert crops[0][0].shape[1:] == (size, size, 3)
+  assert crops[0][0].min() >= -1.0 and crops[0][0].max() <= 1.0
 
 
 def test_study_set_overrides_known_fields_only():

@@ -280,3 +280,42 @@ def test_gain_router_target_is_the_oracle_allocation():
   for name, tree in grads.items():
     biggest = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(tree))
     assert (biggest > 0) == (name == 'grain_router'), name
+
+
+@pytest.mark.parametrize('scope', ['image', 'batch'])
+def test_error_router_target_is_the_coarse_error_map(scope):
+  """router_target='error': the gate's cross-entropy towards the regions the
+  all-coarse reconstruction gets most wrong (L1, the paper's Fig. 5 map), at
+  the target share in each image ('image') or over the batch ('batch')."""
+  from dqvq.eval import allocation  # pylint: disable=g-import-not-at-top
+  from dqvq.eval import coding  # pylint: disable=g-import-not-at-top
+  # Image 0 is flat, image 1 noise: under 'batch' the noise takes the share.
+  noise = jax.random.uniform(jax.random.key(1), (1, 16, 16, 3), minval=-1,
+                             maxval=1)
+  x = jnp.concatenate([jnp.full_like(noise, 0.2), noise])
+  model = _small_dual(router_target='error', router_target_scope=scope)
+  variables = jax.jit(model.init)(RNGS, x)
+  out, _ = jax.jit(lambda v: model.apply(v, x, train=True, rngs=RNGS,
+                                         mutable=['codebook']))(variables)
+  q = model.apply(variables, x, grain_map=allocation.uniform_grain_map(
+      2, (4, 4), 0), method=model.encode)
+  coarse = model.apply(variables, q['quantized'], method=model.decode)
+  errors = coding.region_errors(x, coarse, 4)
+  if scope == 'image':
+    target = allocation.oracle_grain_map(errors, model.grain_ratios)
+    np.testing.assert_array_equal(target.sum(axis=(1, 2)), [8, 8])
+  else:
+    target = allocation.oracle_grain_map(
+        errors.reshape(1, 8, 4), model.grain_ratios).reshape(2, 4, 4)
+    assert int(target.sum()) == 16
+    # Random weights still reconstruct a flat image better than noise.
+    assert int(target[1].sum()) > int(target[0].sum())
+  logp = jax.nn.log_softmax(out['logits'], -1)
+  want = -jnp.mean(jnp.take_along_axis(logp, target[..., None], -1))
+  np.testing.assert_allclose(out['router_loss'], want, rtol=1e-5)
+
+
+def test_unknown_router_target_scope_is_named():
+  with pytest.raises(ValueError, match='router_target_scope'):
+    _small_dual(router_target='error', router_target_scope='global').init(
+        RNGS, jnp.zeros((1, 16, 16, 3)))

@@ -265,3 +265,25 @@ def test_mean_std_inputs_see_the_spread_within_a_region():
   spread = inputs['mean_std'][..., 64:]  # (B, 4, 4, 32)
   assert spread[:, :, 2:].max() < 1e-2  # flat regions
   assert spread[:, :, :2].min() > 0.1  # varied regions
+
+
+def test_mean_logstd_inputs_keep_each_image_s_own_scale():
+  """inputs='mean_logstd': the spread within a region of the features before
+  the per-image GroupNorm, so that of two images with the same pattern, the
+  one with twice the contrast reads log(2) higher; 'mean_std' (after the
+  norm) cannot tell them apart."""
+  factors = (16, 8)
+  coarse, fine = _features(jax.random.key(0), batch=1, factors=factors)
+  both = [jnp.concatenate([coarse, coarse]), jnp.concatenate([fine, 2 * fine])]
+  spread = {}
+  for mode in ('mean_std', 'mean_logstd'):
+    r = router_lib.FeatureRouter(factors, 'linear', inputs=mode)
+    params = r.init({'params': jax.random.key(1)}, both, train=False)
+    _, state = r.apply(params, both, train=False, mutable=['intermediates'])
+    spread[mode] = np.asarray(state['intermediates']['gate_inputs'][0])[
+        ..., 64:]
+  assert spread['mean_logstd'].shape == spread['mean_std'].shape
+  np.testing.assert_allclose(spread['mean_std'][0], spread['mean_std'][1],
+                             atol=1e-4)
+  logstd = spread['mean_logstd']
+  np.testing.assert_allclose(logstd[1] - logstd[0], np.log(2.0), atol=1e-3)

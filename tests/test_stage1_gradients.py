@@ -82,7 +82,8 @@ def test_step_gradient_equals_plain_jax_grad_on_demo_model(router):
         c.loss.budget_kind if router == 'feature' else 'none',
         c.loss.budget_weight)
     # The demo's feature router trains towards the oracle's allocation too
-    # (router_target='gain'): its cross-entropy is part of the real loss.
+    # (config.model.router_target): its cross-entropy is part of the real
+    # loss.
     gate_ce = c.loss.router_weight * out.get('router_loss', 0.0)
     return (losses.l1_loss(x, out['reconstruction'])
             + c.loss.codebook_weight * out['q_loss'] + budget + gate_ce)

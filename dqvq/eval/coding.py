@@ -236,18 +236,7 @@ def region_errors(images: Array, reconstructions: Array,
   [-1, 1] first, as every metric in `dqvq.eval`. Use region_size = f_0 (the
   coarsest factor) so the map lines up with the grain map.
   """
-  x = jnp.clip(jnp.asarray(images, jnp.float32), -1.0, 1.0)
-  y = jnp.clip(jnp.asarray(reconstructions, jnp.float32), -1.0, 1.0)
-  if x.shape != y.shape or x.ndim != 4:
-    raise ValueError(f'images {x.shape} and reconstructions {y.shape} must be '
-                     'NHWC batches of the same shape.')
-  b, h, w, c = x.shape
-  s = int(region_size)
-  if s <= 0 or h % s or w % s:
-    raise ValueError(f'region_size {region_size} must divide the image size '
-                     f'{(h, w)}; use the coarsest grain factor (e.g. 16).')
-  err = jnp.abs(x - y).reshape(b, h // s, s, w // s, s, c)
-  return jnp.mean(err, axis=(2, 4, 5))
+  return grain_lib.region_error(images, reconstructions, region_size)
 
 
 def auroc(scores: Any, labels: Any) -> float:

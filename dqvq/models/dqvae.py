@@ -36,7 +36,10 @@ Array = jax.Array
 
 
 GATE_GRADIENTS = ('scale', 'mixture', 'codes')
-ROUTER_TARGETS = ('none', 'gain')
+ROUTER_TARGETS = ('none', 'gain', 'error')
+# Over what the router target's quota is taken: every image gets the target
+# shares ('image'), or the batch as a whole does ('batch').
+ROUTER_TARGET_SCOPES = ('image', 'batch')
 # config.model.quantizer: 'ema' (official: nearest neighbour, EMA codebook,
 # dead-code restart), 'cosine' (the same on l2-normalised features and codes,
 # quantizer.CosineQuantizer), 'fsq' (finite scalar quantisation, fsq.py).
@@ -117,12 +120,22 @@ class DQVAE(nn.Module):
   # paper. 'gain': also a cross-entropy towards the allocation a greedy
   # oracle would make of this batch at the target shares: every region coded
   # coarse and fine (two extra decoder passes, no gradient), the regions whose
-  # error drops most go fine (`grain.region_gain`). Outputs 'router_loss'.
-  # The router then reads the encoder's features without back-propagating
-  # into them.
+  # error drops most go fine (`grain.region_gain`). 'error': the same
+  # cross-entropy towards the regions the all-coarse reconstruction gets
+  # most wrong (L1 per region, the paper's Fig. 5 error map; one extra
+  # decoder pass): information density, not the fine branch's own gain,
+  # which the fine branch's training shapes. Outputs 'router_loss'. The
+  # router then reads the encoder's features without back-propagating into
+  # them.
   router_target: str = 'none'
+  # ROUTER_TARGET_SCOPES: where the target's quota holds. 'image': each image
+  # gets the shares exactly (lengths hardly vary); 'batch': the batch's
+  # highest-scoring regions, so detailed images get more fine codes, as the
+  # official batch-mean budget loss allows.
+  router_target_scope: str = 'image'
   # What the feature router reads (router.ROUTER_INPUTS): 'mean' (paper,
-  # official) or 'mean_std' (also each finer grain's spread in the region).
+  # official), 'mean_std' (also each finer grain's spread in the region) or
+  # 'mean_logstd' (that spread before the per-image norm, log-compressed).
   router_inputs: str = 'mean'
   # How the feature router routes in training (router.TRAIN_ROUTINGS):
   # 'gumbel' (paper, official) or 'inference' (its own inference decision,
@@ -188,6 +201,10 @@ class DQVAE(nn.Module):
     if self.router_target not in ROUTER_TARGETS:
       raise ValueError(f'Unknown router_target {self.router_target!r}; choose '
                        f'one of {ROUTER_TARGETS}.')
+    if self.router_target_scope not in ROUTER_TARGET_SCOPES:
+      raise ValueError('Unknown router_target_scope '
+                       f'{self.router_target_scope!r}; choose one of '
+                       f'{ROUTER_TARGET_SCOPES}.')
     if self.router_inputs not in router_lib.ROUTER_INPUTS:
       raise ValueError(f'Unknown router_inputs {self.router_inputs!r}; '
                        f'choose one of {router_lib.ROUTER_INPUTS}.')
@@ -232,7 +249,7 @@ class DQVAE(nn.Module):
     if self.num_grains == 1 or self.router == 'none':
       return router_lib.fixed_routing(x.shape[0], grid, self.num_grains)
     if self.router == 'feature':
-      if self.router_target == 'gain':
+      if self.router_target != 'none':
         # The gate is a predictor trained by its own losses; its
         # cross-entropy must not reshape the encoder's features (it cost the
         # reconstruction 0.8 dB on the demo: 19.44 against 20.22 dB).
@@ -281,7 +298,7 @@ class DQVAE(nn.Module):
     z = self.quant_conv(merged)
     learned = routing.gate_scale is not None  # feature router, training
     if learned and (self.gate_gradient == 'codes' or
-                    self.router_target == 'gain'):
+                    self.router_target != 'none'):
       # Every grain's own codes, taken before this step's EMA update like the
       # chosen ones; no gradient.
       coded = [self.quantize.nearest(self.quant_conv(f)) for f in features]
@@ -294,7 +311,7 @@ class DQVAE(nn.Module):
     quantized, codes, aux = self.quantize(z, mask, train)
     if learned and self.gate_gradient == 'codes':
       quantized = quantized + code_gradient
-    if learned and self.router_target == 'gain':
+    if learned and self.router_target != 'none':
       aux['grain_quantized'] = coded
     return {
         'codes': codes, 'grain_map': routing.grain_map, 'quantized': quantized,
@@ -329,27 +346,41 @@ class DQVAE(nn.Module):
     recon, last = self.decode(out['quantized'], train, return_features=True)
     out = {**out, 'reconstruction': recon, 'decoder_features': last}
     if 'grain_quantized' in out:
-      out['router_loss'] = self.gain_router_loss(
+      out['router_loss'] = self.router_target_loss(
           x, out.pop('grain_quantized'), out['logits'])
     return out
 
-  def gain_router_loss(self, x: Array, coded: Sequence[Array],
-                       logits: Array) -> Array:
-    """Cross-entropy of the gate towards the greedy oracle's allocation.
+  def router_target_loss(self, x: Array, coded: Sequence[Array],
+                         logits: Array) -> Array:
+    """Cross-entropy of the gate towards an allocation of this batch.
 
-    The batch is decoded with every region coarse and with every region at
-    the finest grain (no gradient); in each image the regions whose squared
+    'gain': the batch is decoded with every region coarse and with every
+    region at the finest grain (no gradient); the regions whose squared
     error drops most get the finer grains, in the configured shares
-    (`entropy.assign_grains_by_quota`). That is the allocation the study's
-    oracle makes, which the paper's router is meant to approach.
+    (`entropy.assign_grains_by_quota`): the allocation the study's greedy
+    oracle makes. 'error': decoded all coarse only; the regions with the
+    largest L1 error get the finer grains. With scope 'batch' the shares
+    hold over the whole batch instead of in every image.
     """
-    fine = self.grain_factors[-1]
-    ends = []
-    for k in (0, self.num_grains - 1):
-      q = layers.nearest_upsample(coded[k], self.grain_factors[k] // fine)
-      ends.append(jax.lax.stop_gradient(self.decode(q)))
-    gain = grain_lib.region_gain(x, ends[0], ends[1], self.grain_factors[0])
-    target = entropy_lib.assign_grains_by_quota(gain, tuple(self.grain_ratios))
+    def decode_all_at(k):
+      q = layers.nearest_upsample(
+          coded[k], self.grain_factors[k] // self.grain_factors[-1])
+      return jax.lax.stop_gradient(self.decode(q))
+
+    region = self.grain_factors[0]
+    coarse = decode_all_at(0)
+    if self.router_target == 'gain':
+      score = grain_lib.region_gain(x, coarse,
+                                    decode_all_at(self.num_grains - 1), region)
+    else:
+      score = grain_lib.region_error(x, coarse, region)
+    ratios = tuple(self.grain_ratios)
+    if self.router_target_scope == 'batch':
+      b, h, w = score.shape
+      target = entropy_lib.assign_grains_by_quota(
+          score.reshape(1, b * h, w), ratios).reshape(b, h, w)
+    else:
+      target = entropy_lib.assign_grains_by_quota(score, ratios)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return -jnp.mean(jnp.take_along_axis(logp, target[..., None], -1))
 

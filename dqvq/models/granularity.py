@@ -87,6 +87,27 @@ def mix_grains(features: Sequence[Array], gate: Array,
   return merged
 
 
+def region_error(images: Array, reconstruction: Array, region_size: int,
+                 power: int = 1) -> Array:
+  """(B, h, w) mean |x - y|**power per region_size^2 region (and channel).
+
+  Both images are clipped to [-1, 1] first. power=1 is the paper's Fig. 5
+  error map (L1), power=2 the squared error the greedy oracle ranks by.
+  """
+  x = jnp.clip(jnp.asarray(images, jnp.float32), -1.0, 1.0)
+  y = jnp.clip(jnp.asarray(reconstruction, jnp.float32), -1.0, 1.0)
+  if x.shape != y.shape or x.ndim != 4:
+    raise ValueError(f'images {x.shape} and reconstructions {y.shape} must be '
+                     'NHWC batches of the same shape.')
+  b, h, w, c = x.shape
+  s = int(region_size)
+  if s <= 0 or h % s or w % s:
+    raise ValueError(f'region_size {region_size} must divide the image size '
+                     f'{(h, w)}; use the coarsest grain factor (e.g. 16).')
+  err = jnp.abs(x - y) ** power
+  return jnp.mean(err.reshape(b, h // s, s, w // s, s, c), axis=(2, 4, 5))
+
+
 def region_gain(images: Array, coarse: Array, fine: Array,
                 region_size: int) -> Array:
   """(B, h, w) per-region drop in mean squared error from coarse to fine.
@@ -94,15 +115,8 @@ def region_gain(images: Array, coarse: Array, fine: Array,
   `coarse` and `fine` are reconstructions of `images` with every region at a
   coarser and a finer grain; all three are clipped to [-1, 1] first.
   """
-  x = jnp.clip(jnp.asarray(images, jnp.float32), -1.0, 1.0)
-  b, h, w, c = x.shape
-  s = int(region_size)
-
-  def mse(y):
-    err = (x - jnp.clip(jnp.asarray(y, jnp.float32), -1.0, 1.0)) ** 2
-    return jnp.mean(err.reshape(b, h // s, s, w // s, s, c), axis=(2, 4, 5))
-
-  return mse(coarse) - mse(fine)
+  return (region_error(images, coarse, region_size, 2) -
+          region_error(images, fine, region_size, 2))
 
 
 def code_weight_mask(grain_map: Array, grain_factors: Sequence[int]) -> Array:

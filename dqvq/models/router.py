@@ -42,7 +42,12 @@ INFERENCE_MODES = ('argmax', 'expected')
 # per-channel standard deviation within the region: how much the region
 # varies, which a mean cannot show; more gate inputs, so not the official
 # parameter shapes).
-ROUTER_INPUTS = ('mean', 'mean_std')
+# 'mean_logstd': the same spread, but of the features before the per-image
+# GroupNorm, log-compressed: the norm divides each image by its own feature
+# scale, so a flat image's relative spread looks like a detailed one's, and
+# a gate that should give detailed images more codes than flat ones cannot
+# see the difference.
+ROUTER_INPUTS = ('mean', 'mean_std', 'mean_logstd')
 # How the feature router routes in training. 'gumbel' (paper, official): a
 # Gumbel-softmax draw, grain k with probability p_k. A gate that is unsure
 # (p near the budget everywhere, as it is for most of a short run) then
@@ -50,7 +55,7 @@ ROUTER_INPUTS = ('mean', 'mean_std')
 # trained on the regions it will code at inference. 'inference': the rule
 # `inference` names, the same decision the trained model makes, with the
 # softmax's straight-through gradient for the budget loss; meant for
-# router_target='gain', which trains the gate without exploration.
+# a router_target ('gain', 'error'), which trains the gate without exploration.
 TRAIN_ROUTINGS = ('gumbel', 'inference')
 
 
@@ -156,6 +161,12 @@ class FeatureRouter(nn.Module):
       if self.inputs == 'mean_std' and f < coarse:
         var = layers.avg_pool(normed * normed, coarse // f) - mean * mean
         pooled.append(jnp.sqrt(jnp.maximum(var, 0.0) + 1e-6))
+      if self.inputs == 'mean_logstd' and f < coarse:
+        raw = feat.astype(jnp.float32)
+        raw_mean = layers.avg_pool(raw, coarse // f)
+        var = layers.avg_pool(raw * raw, coarse // f) - raw_mean * raw_mean
+        pooled.append(0.5 * jnp.log(jnp.maximum(var, 0.0) + 1e-6).astype(
+            mean.dtype))
     h = jnp.concatenate(pooled, axis=-1)  # [coarse, ..., fine], as official.
     self.sow('intermediates', 'gate_inputs', h)
     k = len(features)

@@ -169,7 +169,7 @@ def generator_gradients(models: Stage1Setup, state: Stage1State,
         cfg.loss.budget_kind if models.vae.router == 'feature' else 'none',
         cfg.loss.budget_weight)
     own = cfg.loss.codebook_weight * out['q_loss'] + budget
-    if 'router_loss' in out:  # config.model.router_target='gain'
+    if 'router_loss' in out:  # config.model.router_target != 'none'
       own = own + cfg.loss.get('router_weight', 1.0) * out['router_loss']
     return (out['reconstruction'], own), (out, budget, new_vars['codebook'])
 
