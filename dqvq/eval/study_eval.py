@@ -68,6 +68,14 @@ class Model:
     out = self._with_map(x, jnp.asarray(grain_map, jnp.int32))
     return out, np.asarray(self._decode(out['quantized']))
 
+  def region_gain(self, x: np.ndarray) -> Array:
+    """Per-region error drop from all regions coarsest to all finest."""
+    n, grid, finest = x.shape[0], self.grid(x), len(self.factors) - 1
+    coarse, fine = (
+        self.with_map(x, allocation.uniform_grain_map(n, grid, g))[1]
+        for g in (0, finest))
+    return allocation.region_gain(x, coarse, fine, self.factors[0])
+
   def router_scores(self, out: dict[str, Any]) -> Array:
     """Per-region ranking the router would budget by (higher = finer)."""
     if out.get('logits') is not None:
@@ -102,11 +110,11 @@ def training_crops(config: ml_collections.ConfigDict, count: int
   ds = pipeline.create_datasets(config.data,
                                 global_batch_size=config.eval_batch_size,
                                 seed=TRAINING_CROPS_SEED)
-  batches, it = [], iter(ds.train)
-  while sum(len(b[0]) for b in batches) < count:
-    batch = next(it)
-    batches.append((np.asarray(batch['image']),
-                    np.ones(len(batch['image']), bool)))
+  batches, it, drawn = [], iter(ds.train), 0
+  while drawn < count:
+    images = np.asarray(next(it)['image'])
+    batches.append((images, np.ones(len(images), bool)))
+    drawn += len(images)
   return batches
 
 
@@ -143,9 +151,7 @@ def budget_figures(model: Model, batches, budgets: Sequence[float],
   for i, (x, mask) in enumerate(batches):
     n, grid = x.shape[0], model.grid(x)
     out, _ = model.routed(x)
-    fine_all = model.with_map(x, allocation.uniform_grain_map(n, grid, 1))[1]
-    coarse_all = model.with_map(x, allocation.uniform_grain_map(n, grid, 0))[1]
-    gain = allocation.region_gain(x, coarse_all, fine_all, model.factors[0])
+    gain = model.region_gain(x)
     scores = model.router_scores(out)
     for b in budgets:
       ratios = (1.0 - b, b)
@@ -184,21 +190,18 @@ def figure5(fixed: Model, dual: Model, batches) -> dict[str, Any]:
   """
   got = {k: coding.RegionScores()
          for k in ('auroc', 'ranking', 'ceiling', 'gain_oracle')}
+  finest = len(dual.factors) - 1
   for x, mask in batches:
     _, y = fixed.routed(x)
     errors = coding.region_errors(x, y, dual.factors[0])
     out, _ = dual.routed(x)
-    finest = len(dual.factors) - 1
     fine = out['grain_map'] == finest
     counts = jnp.sum(out['grain_map'] >= jnp.arange(1, finest + 1)[
         :, None, None, None], axis=(2, 3)).T  # (B, K-1) regions >= grain k
-    n, grid = x.shape[0], dual.grid(x)
-    ends = [dual.with_map(x, allocation.uniform_grain_map(n, grid, g))[1]
-            for g in (0, finest)]
-    gain = allocation.region_gain(x, ends[0], ends[1], dual.factors[0])
     got['auroc'].add(fine, errors, mask)
     got['ranking'].add(dual.router_scores(out), errors, mask)
-    for key, score in (('ceiling', errors), ('gain_oracle', gain)):
+    for key, score in (('ceiling', errors),
+                       ('gain_oracle', dual.region_gain(x))):
       picked = entropy_lib.assign_grains_by_counts(score, counts) == finest
       got[key].add(picked, errors, mask)
   res = {k: v.auroc() for k, v in got.items()}
@@ -319,9 +322,9 @@ def run_study(runs: dict[str, tuple[Any, Any]], parts: Sequence[str],
       n0 = int(np.prod(m.grid(batches[0][0])))
       expected = coding.expected_code_length((1 - r, r), m.factors, n0)
       for mode in router_lib.INFERENCE_MODES:
-        variant = Model(*runs[name], mode)
-        figures = (own[name] if mode == m.config.model.router_inference else
-                   coding_figures(variant, batches))
+        trained = mode == m.config.model.router_inference
+        variant = m if trained else Model(*runs[name], mode)
+        figures = own[name] if trained else coding_figures(variant, batches)
         on_training = coding_figures(variant, crops)
         rows.append(dict(
             figures, fine_ratio_target=r, inference=mode,
