@@ -11,6 +11,8 @@ import shutil
 import subprocess
 import sys
 
+from test_train import cli_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITE = os.path.join(ROOT, 'benchmarks', 'accelerator_suite.sh')
 
@@ -25,12 +27,10 @@ def test_scripts_are_valid_bash_and_shellcheck_clean():
 
 
 def test_smoke_run_prints_every_figure(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(SUITE_SMOKE='1', JAX_PLATFORMS='cpu', OUT=str(tmp_path),
-             PYTHON=sys.executable,
-             JAX_COMPILATION_CACHE_DIR=os.environ.get(
-                 'DQVQ_JAX_CACHE', os.path.expanduser(
-                     '~/.cache/dqvq/jax_compilation')))
+  # One device and the suite's fast compiles, every program cached: the
+  # toy benchmarks' figures only need to exist (test_train.cli_env).
+  env = dict(cli_env(), SUITE_SMOKE='1', OUT=str(tmp_path),
+             PYTHON=sys.executable)
   out = subprocess.run(['bash', SUITE], env=env, capture_output=True,
                        text=True, timeout=600, cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]

@@ -107,6 +107,22 @@ def test_check_inputs_false_and_jit(tok):
   assert out['codes'].shape[0] == 2
 
 
+def test_encode_and_decode_are_compiled_once_per_shape_and_budget(tok):
+  """One program per input shape and budget, reused for new values (op by
+  op, an encode of the demo model cost ~5 s of dispatch per call); a budget
+  given as a list works like the tuple."""
+  encode, decode = tokenizer_lib._encode, tokenizer_lib._decode
+  x = _images(tok)
+  out = tok.encode(x, grain_ratios=[0.5, 0.5])
+  tok.decode(out['codes'])
+  sizes = encode._cache_size(), decode._cache_size()
+  again = tok.encode(x * 0.5, grain_ratios=(0.5, 0.5))
+  tok.decode(again['codes'])
+  assert (encode._cache_size(), decode._cache_size()) == sizes
+  np.testing.assert_array_equal(
+      tok.encode(x, grain_ratios=(0.5, 0.5))['codes'], out['codes'])
+
+
 def test_sample_refuses_labels_it_cannot_mean(gen):
   n = gen.layout.num_classes
   assert n > 0

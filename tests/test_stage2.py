@@ -1,6 +1,7 @@
 """Stage-2 training: smoke runs, the two-stage demo, FSDP, resume, pads."""
 
 import dataclasses
+import functools
 import os
 
 import flax.linen as nn
@@ -171,6 +172,7 @@ def test_loss_ignores_pads(stage1_workdir, demo_data_dir):
   codes['grain_map'] = codes['grain_map'].at[:, -1, :].set(0)
   drop = lay.grid_sizes[0] * (lay.grid_sizes[-1] // lay.grid_sizes[0]) ** 2
 
+  @functools.partial(jax.jit, static_argnums=0)
   def loss(layout, params):
     streams = sequence.encode(codes['codes'], codes['grain_map'], layout,
                               batch['label'])

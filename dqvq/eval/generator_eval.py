@@ -77,10 +77,7 @@ def frechet_or_note(reference: fid_lib.ReferenceStats,
     return None, f'FID not computed: {e}'
 
 
-def gather(tree: Any) -> Any:
-  """Global (sharded) arrays -> full host numpy arrays on every process."""
-  return jax.tree.map(np.asarray,
-                      multihost_utils.process_allgather(tree, tiled=True))
+gather = sharding.host_gather
 
 
 @dataclasses.dataclass

@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
@@ -188,10 +187,9 @@ class Generator:
                                   config=config, batch_size=batch_size)
     labels = []
     for sampled in batches:
-      host = multihost_utils.process_allgather(sampled.arrays, tiled=True)
+      host = sharding.host_gather(sampled.arrays)
       for name, value in host.items():
-        results.setdefault(name, []).append(
-            np.asarray(value)[:sampled.count])
+        results.setdefault(name, []).append(value[:sampled.count])
       labels.append(sampled.labels)
       if on_batch is not None:
         on_batch(sampled.count)
