@@ -98,11 +98,28 @@ PyTree = Any
 # CPU, to split writes of a few KiB. Below 1 MiB per slice one replica writes
 # the whole array; large arrays on a pod are still written in parallel.
 MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 1 << 20
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(
-        min_slice_bytes_for_replica_parallel=(
-            MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL)),
-    override=True)
+
+
+def _register_array_handler() -> None:
+  """Orbax's jax.Array handler with the threshold above, silently (Orbax
+  warns on every override, which would land in every run's log)."""
+  # The absl logger's own level, not `logging.set_verbosity`: restoring a
+  # verbosity would pin an explicit level where there was none (NOTSET, which
+  # follows the root logger), and INFO logs would vanish under pytest's caplog.
+  logger = logging.get_absl_logger()
+  level = logger.level
+  logger.setLevel(logging.converter.STANDARD_ERROR)
+  try:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=(
+                MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL)),
+        override=True)
+  finally:
+    logger.setLevel(level)
+
+
+_register_array_handler()
 
 
 def checkpoint_dir(workdir: str | epath.PathLike) -> epath.Path:

@@ -4,8 +4,8 @@ One mesh over all devices with axes ('data', 'fsdp'). The batch is split over
 both axes (every device holds a slice of the global batch); parameters and
 optimizer state keep a sharding they already carry on this mesh, and
 otherwise are sharded over 'fsdp' on their largest divisible axis, as
-big_vision's `fsdp` rule does (small arrays are replicated). With fsdp = 1 (the default) everything is replicated and
-this is plain data parallelism.
+big_vision's `fsdp` rule does (small arrays are replicated). With fsdp = 1
+(the default) everything is replicated and this is plain data parallelism.
 
 Axis types are Auto: Linen's sharded init breaks under Explicit axes.
 """
@@ -57,7 +57,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def fsdp_spec(shape: Sequence[int], fsdp_size: int,
               min_size: int = 2 ** 14) -> P:
-  """Shards the largest axis divisible by the fsdp size; small arrays replicate."""
+  """Shards the largest axis divisible by the fsdp size; small arrays
+  replicate."""
   if fsdp_size == 1 or math.prod(shape) < min_size:
     return P()
   order = sorted(range(len(shape)), key=lambda i: -shape[i])

@@ -53,6 +53,14 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: heavy checks, not in the default run')
+  config.addinivalue_line(
+      'markers', 'long: a default-run test of a minute or more; runs first')
+
+
+def pytest_collection_modifyitems(items):
+  """`long` tests first: pytest-xdist hands tests out in this order, and a
+  minute-long test drawn last keeps one worker busy while the other idles."""
+  items.sort(key=lambda item: item.get_closest_marker('long') is None)
 
 
 @pytest.fixture(scope='session')

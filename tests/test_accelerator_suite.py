@@ -11,6 +11,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from test_train import cli_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +28,7 @@ def test_scripts_are_valid_bash_and_shellcheck_clean():
   subprocess.run([shellcheck, SUITE, wheels], check=True)
 
 
+@pytest.mark.long
 def test_smoke_run_prints_every_figure(tmp_path):
   # One device and the suite's fast compiles, every program cached: the
   # toy benchmarks' figures only need to exist (test_train.cli_env).

@@ -146,6 +146,26 @@ def test_sharded_state_restores_into_same_and_other_shardings(tmp_path):
   ckpt.close()
 
 
+def test_replicated_arrays_above_and_below_the_replica_parallel_threshold(
+    tmp_path):
+  """Replicated over 8 devices, an 8 MiB array is still written by the
+  replicas together (1 MiB each, the threshold) and small ones by one
+  replica (dqvq.checkpoint); both read back exactly."""
+  rep = NamedSharding(_mesh(), P())
+  big_rows = 8 * ckpt_lib.MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL // (256 * 4)
+  big = np.random.default_rng(0).normal(size=(big_rows, 256)).astype(
+      np.float32)  # 8 MiB: 1 MiB per replica's slice
+  small = {f's{i}': np.full((3, 5), i, np.float32) for i in range(20)}
+  state = jax.device_put({'big': big, **small}, rep)
+  ckpt = ckpt_lib.Checkpointer(tmp_path, save_every=1)
+  ckpt.maybe_save(1, state)
+  restored, _, _ = ckpt.restore_latest(ckpt_lib.abstract_state_of(state))
+  np.testing.assert_array_equal(restored['big'], big)
+  for k, v in small.items():
+    np.testing.assert_array_equal(restored[k], v)
+  ckpt.close()
+
+
 @flax.struct.dataclass
 class _TrainState:
   step: jax.Array

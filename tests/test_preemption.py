@@ -278,6 +278,7 @@ class _Training:
     return rc
 
 
+@pytest.mark.long
 def test_sigterm_and_ctrl_c_save_restorable_checkpoints_and_exit_0(
     demo_data_dir, tmp_path):
   # SIGTERM mid-training with the demo cadences (validation and pictures

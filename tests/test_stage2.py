@@ -65,6 +65,7 @@ def test_two_step_run_from_token_dataset(stage1_workdir, demo_data_dir,
   assert os.listdir(tmp_path / 'run' / 'pictures')
 
 
+@pytest.mark.long
 def test_demo_trains_both_stages(demo_data_dir, tmp_path):
   c = load_config('demo').get_config('runlocal')
   c.data.data_dir = demo_data_dir

@@ -22,6 +22,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dqvq.trainers import loop
 from dqvq.trainers import stage1
@@ -59,6 +60,7 @@ def probe(data_dir: str, workdir: str, steps: int = 120, resolution: int = 32,
   return {'mean': y.mean(axis=(1, 2, 3)), 'std': y.std(axis=(1, 2, 3))}
 
 
+@pytest.mark.long
 def test_constant_images_reconstruct_as_constants(demo_data_dir, tmp_path):
   got = probe(demo_data_dir, str(tmp_path))
   # Brightness passes the tokenizer: each output's mean follows its input.

@@ -92,6 +92,7 @@ def test_two_step_smoke_run_per_config(name, demo_data_dir, tmp_path, caplog):
       f'{tmp_path}/pictures; curves: tensorboard --logdir {tmp_path}')
 
 
+@pytest.mark.long
 def test_resume_equals_uninterrupted_bitwise(demo_data_dir, tmp_path):
   # ffhq's runlocal trains the GAN too, so its state is covered. Same config
   # in all runs (one compiled program); the interrupted run stops after step 1

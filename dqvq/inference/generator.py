@@ -201,13 +201,15 @@ class Generator:
                grain_ratios: Sequence[float] | None = None) -> list[bytes]:
     """One .dqvq file (bytes) per image, coded with this model's
     probabilities; see `dqvq.inference.image_codec.compress`."""
-    from dqvq.inference import image_codec  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from dqvq.inference import image_codec
     return image_codec.compress(self, images, class_labels, grain_ratios)
 
   def decompress(self, files: Sequence[bytes]) -> np.ndarray:
     """.dqvq files -> (N, H, W, 3) float32 images in [-1, 1], like
     `sample`'s 'image'; see `dqvq.inference.image_codec.decompress`."""
-    from dqvq.inference import image_codec  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from dqvq.inference import image_codec
     return image_codec.decompress(self, files)
 
 
