@@ -87,6 +87,9 @@ def test_study_figures_on_a_tiny_model(demo_data_dir):
   for key in ('auroc', 'ranking', 'ceiling', 'gain_oracle'):
     assert 0.0 <= fig[key] <= 1.0, key
   assert fig['ceiling'] >= fig['auroc'] - 1e-9
+  for key in ('auroc', 'ranking', 'gain_oracle'):
+    assert 0.0 <= fig[f'{key}_per_image'] <= 1.0, key
+  assert 0 < fig['images_per_image'] <= 16
   assert fig['regions'] == 16 * regions
   # Table 6's in-distribution reference: fresh crops of the training
   # photographs, the same ones every call.

@@ -195,6 +195,29 @@ def test_region_scores_collects_a_split():
       coding.coding_map_auroc(fine[kept], errors[kept]), abs=1e-12)
 
 
+def test_per_image_auroc_scores_each_image_against_its_own_errors():
+  # Image 0 is all hard and image 1 all easy by the split's median: the
+  # pooled AUROC is chance for a map that finds each image's worst regions
+  # exactly; inside each image it is perfect.
+  errors = np.asarray([[[5.0, 6.0], [7.0, 8.0]], [[1.0, 2.0], [3.0, 4.0]]])
+  fine = np.asarray([[[0, 0], [1, 1]], [[0, 0], [1, 1]]])
+  acc = coding.RegionScores()
+  acc.add(fine, errors)
+  assert acc.auroc() == pytest.approx(0.5)
+  assert acc.per_image_auroc() == (pytest.approx(1.0), 2)
+  # A reversed map in one image scores 0 there; a flat image (no region
+  # above its median) is left out, a constant map scores 0.5.
+  acc = coding.RegionScores()
+  acc.add(np.asarray([[1, 1, 0, 0], [0, 1, 0, 1], [1, 1, 1, 1]]),
+          np.asarray([[1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 2.0, 2.0],
+                      [1.0, 2.0, 3.0, 4.0]]))
+  assert acc.per_image_auroc() == (pytest.approx(0.25), 2)
+  flat = coding.RegionScores()
+  flat.add(np.ones((1, 4)), np.ones((1, 4)))
+  with pytest.raises(ValueError, match='undefined'):
+    flat.per_image_auroc()
+
+
 @pytest.mark.slow
 def test_counts_agree_with_a_real_triple_tokenizer():
   from dqvq.models import dqvae  # pylint: disable=g-import-not-at-top

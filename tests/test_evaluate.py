@@ -127,13 +127,14 @@ def test_tokenizer_json_is_complete(tokenizer_eval_run, stats_cache):
               'code_length_expected', 'codebook_usage', 'codebook_unused',
               'perplexity', 'codebook_usage_f8', 'codebook_usage_f4',
               'perplexity_f4', 'ratio_f8', 'ratio_f4', 'target_ratio_f4',
-              'bits_per_image', 'coding_map_auroc'):
+              'bits_per_image', 'coding_map_auroc',
+              'coding_map_auroc_per_image'):
     assert _finite(m[key]), (key, m[key])
   assert m['num_images'] == NUM_IMAGES
   assert 0 < m['psnr'] < 100 and 0 < m['ssim'] <= 1 and m['lpips'] >= 0
   assert m['rfid'] >= 0
   for key in ('codebook_usage', 'codebook_usage_f8', 'codebook_usage_f4',
-              'coding_map_auroc'):
+              'coding_map_auroc', 'coding_map_auroc_per_image'):
     assert 0.0 <= m[key] <= 1.0, key
   assert m['ratio_f8'] + m['ratio_f4'] == pytest.approx(1.0)
   hist = np.asarray(stored['histograms']['code_length'], np.float64)

@@ -23,7 +23,8 @@ as 'codebook_unused'. Code-length mean and population variance (`np.var`, as
 the official `visualize_dual_grain.py`) come from an exact histogram.
 
 The coding map vs error map (Fig. 5) is scored per region with an AUROC
-(`region_errors`, `coding_map_auroc`, `RegionScores` to collect a split).
+(`region_errors`, `coding_map_auroc`, `RegionScores` to collect a split,
+pooled over the split or within each image).
 """
 
 from __future__ import annotations
@@ -329,15 +330,41 @@ class RegionScores:
     if mask is not None:
       keep = np.asarray(jax.device_get(mask)) > 0
       s, e = s[keep], e[keep]
-    self._scores.append(s.ravel())
-    self._errors.append(e.ravel())
+    self._scores.append(s.reshape(s.shape[0], -1))
+    self._errors.append(e.reshape(e.shape[0], -1))
 
   def __len__(self) -> int:
     return sum(s.size for s in self._scores)
 
-  def auroc(self, quantile: float = 0.5) -> float:
-    """`coding_map_auroc` over everything added so far."""
+  def _split(self) -> tuple[np.ndarray, np.ndarray]:
     if not self._scores:
       raise ValueError('RegionScores is empty: add() batches first.')
-    return coding_map_auroc(np.concatenate(self._scores),
-                            np.concatenate(self._errors), quantile)
+    return np.concatenate(self._scores), np.concatenate(self._errors)
+
+  def auroc(self, quantile: float = 0.5) -> float:
+    """`coding_map_auroc` over everything added so far."""
+    scores, errors = self._split()
+    return coding_map_auroc(scores, errors, quantile)
+
+  def per_image_auroc(self, quantile: float = 0.5) -> tuple[float, int]:
+    """Mean over images of `coding_map_auroc` within each image, and the
+    number of images it averages.
+
+    The pooled `auroc` asks whether fine codes went to the split's hard
+    regions, so it also scores how many fine regions each image got; this
+    asks only whether, inside each image, they went to that image's hard
+    regions (its own `quantile` of the error), which is what the paper's
+    Fig. 5 shows image by image. An image whose errors all lie on one side
+    of its quantile (a flat image) has no hard regions to find and is left
+    out; one whose scores are all equal scores 0.5.
+    """
+    scores, errors = self._split()
+    got = []
+    for s, e in zip(scores, errors):
+      labels = e > np.quantile(e.astype(np.float64), quantile)
+      if labels.any() and not labels.all():
+        got.append(auroc(s, labels))
+    if not got:
+      raise ValueError('No image has regions on both sides of its error '
+                       f'quantile {quantile}; the per-image AUROC is undefined.')
+    return float(np.mean(got)), len(got)

@@ -314,7 +314,8 @@ def _figures(tok: tokenizer_lib.Tokenizer, b: _Budget,
   fig: dict[str, Any] = {'grain_ratios': list(ratios),
                          'fine_ratio_target': float(ratios[-1]),
                          'lpips': None, 'rfid': None,
-                         'coding_map_auroc': None}
+                         'coding_map_auroc': None,
+                         'coding_map_auroc_per_image': None}
   fig.update(recon_lib.means(b.sums))
   fig.update(coding_lib.summarize_coding(b.coding, factors, ratios))
   regions = int(np.asarray(jax.device_get(b.coding['grain_counts'])).sum()
@@ -331,6 +332,7 @@ def _figures(tok: tokenizer_lib.Tokenizer, b: _Budget,
   elif len(b.regions):
     try:
       fig['coding_map_auroc'] = b.regions.auroc()
+      fig['coding_map_auroc_per_image'], _ = b.regions.per_image_auroc()
     except ValueError as e:  # e.g. every region has the same error
       fig['coding_map_auroc_note'] = str(e)
   return fig
