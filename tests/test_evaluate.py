@@ -225,14 +225,14 @@ def test_sample_statistics_match_gathered_images(stage2_workdir, tmp_path,
   fid = generator_eval.fid_setup('random', mesh, 'test', str(tmp_path), [])
   config = sampling.SamplingConfig()
   gathered = []
-  host_gather = generator_eval.gather
+  host_gather = sharding.host_gather
 
   def spy(tree):
     out = host_gather(tree)
     gathered.extend(np.shape(x) for x in jax.tree.leaves(out))
     return out
 
-  monkeypatch.setattr(generator_eval, 'gather', spy)
+  monkeypatch.setattr(sharding, 'host_gather', spy)
   got = generator_eval.sample_statistics(
       gen, 12, sampling_config=config, batch_size=8, fid=fid, num_pictures=3)
   monkeypatch.undo()

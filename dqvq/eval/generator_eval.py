@@ -77,8 +77,6 @@ def frechet_or_note(reference: fid_lib.ReferenceStats,
     return None, f'FID not computed: {e}'
 
 
-gather = sharding.host_gather
-
 
 @dataclasses.dataclass
 class FIDSetup:
@@ -122,7 +120,7 @@ class FIDSetup:
     Inception runs on the devices; only the pool3 features (and, for the
     Inception Score, the logits) of the batch come back to every host.
     """
-    pool, logit = gather(self.feature_fn(_fid_range_jit(images)))
+    pool, logit = sharding.host_gather(self.feature_fn(_fid_range_jit(images)))
     stats.update(pool[mask])
     if inception_score is not None:
       inception_score.update(logit[mask])
@@ -185,7 +183,7 @@ def encode_split(tok: tokenizer_lib.Tokenizer, batches: Iterable[Any], *,
   for batch in batches:
     sums = step(tok, batch['image'], batch['mask'])
     total = sums if total is None else coding_lib.merge_sums(total, sums)
-    mask = gather(batch['mask']).astype(bool)
+    mask = sharding.host_gather(batch['mask']).astype(bool)
     if real is not None:
       fid.update(real, batch['image'], mask)
     if on_batch is not None:
@@ -223,7 +221,8 @@ def _keep_pictures(pictures: dict[str, list[np.ndarray]],
   if have >= wanted:
     return
   take = min(wanted - have, sampled.count)
-  host = gather({k: sampled.arrays[k] for k in ('image', 'grain_map')})
+  host = sharding.host_gather(
+      {k: sampled.arrays[k] for k in ('image', 'grain_map')})
   for name, value in host.items():
     pictures[name].append(value[:take])
   pictures['label'].append(sampled.labels[:take])
@@ -367,6 +366,6 @@ def evaluate_generator(gen: generator_lib.Generator, batches: Iterable[Any],
           'samples': res['pictures']}
 
 
-__all__ = ['FIDSetup', 'fid_setup', 'frechet_or_note', 'fid_range', 'gather',
+__all__ = ['FIDSetup', 'fid_setup', 'frechet_or_note', 'fid_range',
            'load', 'encode_split', 'sample_statistics', 'length_distances',
            'evaluate_generator']

@@ -262,7 +262,7 @@ def evaluate_tokenizer(tok: tokenizer_lib.Tokenizer, batches: Iterable[Batch],
       b.regions = coding_lib.RegionScores()
   pictures: dict[str, list[np.ndarray]] = {}
   kept = 0
-  gather = generator_eval.gather  # sharded -> host arrays, on every process
+  gather = sharding.host_gather  # sharded -> host arrays, on every process
   for batch in batches:
     images, mask_global = batch['image'], batch['mask']
     mask = gather(mask_global).astype(bool)
