@@ -288,7 +288,6 @@ def test_error_router_target_is_the_coarse_error_map(scope):
   all-coarse reconstruction gets most wrong (L1, the paper's Fig. 5 map), at
   the target share in each image ('image') or over the batch ('batch')."""
   from dqvq.eval import allocation  # pylint: disable=g-import-not-at-top
-  from dqvq.eval import coding  # pylint: disable=g-import-not-at-top
   # Image 0 is flat, image 1 noise: under 'batch' the noise takes the share.
   noise = jax.random.uniform(jax.random.key(1), (1, 16, 16, 3), minval=-1,
                              maxval=1)
@@ -300,7 +299,7 @@ def test_error_router_target_is_the_coarse_error_map(scope):
   q = model.apply(variables, x, grain_map=allocation.uniform_grain_map(
       2, (4, 4), 0), method=model.encode)
   coarse = model.apply(variables, q['quantized'], method=model.decode)
-  errors = coding.region_errors(x, coarse, 4)
+  errors = grain_lib.region_error(x, coarse, 4)
   if scope == 'image':
     target = allocation.oracle_grain_map(errors, model.grain_ratios)
     np.testing.assert_array_equal(target.sum(axis=(1, 2)), [8, 8])

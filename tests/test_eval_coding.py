@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from dqvq.eval import coding
+from dqvq.models import granularity as grain_lib
 
 DUAL = (16, 8)      # grain 0 = f16 (1 code per region), 1 = f8 (4 codes)
 TRIPLE = (32, 16, 8)
@@ -154,16 +155,16 @@ def test_auroc_extremes_and_errors():
     coding.auroc([0.1, 0.2], [0, 2])
 
 
-def test_region_errors_by_hand():
+def test_region_error_by_hand():
   x = np.zeros((1, 4, 4, 3), np.float32)
   y = np.zeros((1, 4, 4, 3), np.float32)
   y[0, :2, :2] = 0.4
   y[0, 2:, 2:, 0] = 0.3   # one channel of three: 0.1 on average
   y[0, 0, 3, :] = 3.0     # overshoot counts as 1.0 (clipped), over 4 pixels
-  err = np.asarray(coding.region_errors(x, y, 2))
+  err = np.asarray(grain_lib.region_error(x, y, 2))
   np.testing.assert_allclose(err[0], [[0.4, 0.25], [0.0, 0.1]], atol=1e-6)
   with pytest.raises(ValueError, match='must divide'):
-    coding.region_errors(x, y, 3)
+    grain_lib.region_error(x, y, 3)
 
 
 def test_coding_map_auroc_is_balanced_accuracy():

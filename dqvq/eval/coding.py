@@ -23,8 +23,8 @@ as 'codebook_unused'. Code-length mean and population variance (`np.var`, as
 the official `visualize_dual_grain.py`) come from an exact histogram.
 
 The coding map vs error map (Fig. 5) is scored per region with an AUROC
-(`region_errors`, `coding_map_auroc`, `RegionScores` to collect a split,
-pooled over the split or within each image).
+(`coding_map_auroc`, `RegionScores` to collect a split, pooled over the split or
+within each image) against `granularity.region_error`'s map.
 """
 
 from __future__ import annotations
@@ -228,18 +228,6 @@ def summarize_coding(sums: dict[str, Any], grain_factors: Sequence[int],
 # --- Coding map vs error map (paper Fig. 5) --------------------------------
 
 
-def region_errors(images: Array, reconstructions: Array,
-                  region_size: int) -> Array:
-  """(B, H/s, W/s) mean |x - x_hat| per s x s region (and channel).
-
-  The paper's error map: L1 per 16^2 region between images and VQGAN (f=16)
-  reconstructions, in the model's [-1, 1] units. Both images are clipped to
-  [-1, 1] first, as every metric in `dqvq.eval`. Use region_size = f_0 (the
-  coarsest factor) so the map lines up with the grain map.
-  """
-  return grain_lib.region_error(images, reconstructions, region_size)
-
-
 def auroc(scores: Any, labels: Any) -> float:
   """Area under the ROC curve, = sklearn.metrics.roc_auc_score(labels, scores).
 
@@ -277,7 +265,7 @@ def coding_map_auroc(fine_mask: Any, errors: Any,
   """How well the coding map predicts the error map (paper Fig. 5), in [0, 1].
 
   Per region: label = its error (from a coarse-only / fixed-length
-  reconstruction, `region_errors`) lies above the split's `quantile`;
+  reconstruction, `granularity.region_error`) lies above the split's `quantile`;
   score = the router chose the finest grain there (`grain_map == K - 1`),
   or the grain id itself (higher = finer) for an ordinal score with three
   grains. 0.5 is chance, 1.0 means fine codes went exactly to the high-error

@@ -25,6 +25,7 @@ from dqvq.eval import allocation
 from dqvq.eval import coding
 from dqvq.models import dqvae
 from dqvq.models import entropy as entropy_lib
+from dqvq.models import granularity as grain_lib
 from dqvq.models import router as router_lib
 from dqvq import visualize
 
@@ -195,7 +196,7 @@ def figure5(fixed: Model, dual: Model, batches) -> dict[str, Any]:
   finest = len(dual.factors) - 1
   for x, mask in batches:
     _, y = fixed.routed(x)
-    errors = coding.region_errors(x, y, dual.factors[0])
+    errors = grain_lib.region_error(x, y, dual.factors[0])
     out, _ = dual.routed(x)
     fine = out['grain_map'] == finest
     counts = jnp.sum(out['grain_map'] >= jnp.arange(1, finest + 1)[

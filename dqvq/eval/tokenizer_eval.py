@@ -35,6 +35,7 @@ from dqvq.eval import fid as fid_lib
 from dqvq.eval import generator_eval
 from dqvq.eval import reconstruction as recon_lib
 from dqvq.inference import tokenizer as tokenizer_lib
+from dqvq.models import granularity as grain_lib
 from dqvq.models import inception as inception_lib
 from dqvq.models import perceptual
 from dqvq import sequence
@@ -196,8 +197,7 @@ def make_step(tok: tokenizer_lib.Tokenizer,
       enc0 = coarse.encode(images, coarse_only_ratios(k))
       recon0 = coarse.decode(enc0['codes'])
       out['coarse_recon'] = recon0
-      out['region_error'] = coding_lib.region_errors(images, recon0,
-                                                     factors[0])
+      out['region_error'] = grain_lib.region_error(images, recon0, factors[0])
     return out
 
   return jax.jit(step)
