@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import logging
 from etils import epath
@@ -114,26 +114,39 @@ class CheckpointRestorer:
     steps = sorted(self._manager.all_steps(), reverse=True)
     if not steps:
       return None
+    (state, meta), step, failures = self._newest_readable(
+        steps, lambda s: self._restore_step(s, abstract_state, data_iter),
+        hint=lambda: self._config_change_hint(steps))
+    if failures:
+      self._move_aside(sorted(failures), 'unreadable')
+      logging.warning('Resumed from step %d; skipped unreadable step(s) %s.',
+                      step, sorted(failures))
+    return state, step, meta
+
+  def _newest_readable(self, steps: Sequence[int],
+                       read: Callable[[int], Any],
+                       hint: Callable[[], str] | None = None
+                       ) -> tuple[Any, int, dict[int, str]]:
+    """`read(step)` of the first of `steps` (newest first) that reads back.
+
+    Returns what it read, its step, and {step: error} of the ones skipped,
+    each logged as a warning; raises CheckpointRestoreError, with `hint()`
+    (called only then: it may read files), if none reads back.
+    """
     failures = {}
     for step in steps:
       try:
-        state, meta = self._restore_step(step, abstract_state, data_iter)
+        return read(step), step, failures
       except Exception as e:  # pylint: disable=broad-exception-caught
         failures[step] = f'{type(e).__name__}: {e}'
         logging.warning('Checkpoint step %d in %s is unreadable or damaged '
                         '(%s); trying an older step.', step, self.directory,
                         failures[step][:500])
-        continue
-      if failures:
-        self._move_aside(sorted(failures), 'unreadable')
-        logging.warning('Resumed from step %d; skipped unreadable step(s) %s.',
-                        step, sorted(failures))
-      return state, step, meta
     raise CheckpointRestoreError(
         f'No checkpoint in {self.directory} could be restored. Tried (newest '
         'first):\n  ' + '\n  '.join(
             f'step {s}: {err[:500]}' for s, err in failures.items()) +
-        '\n' + self._config_change_hint(steps))
+        ('\n' + hint() if hint else ''))
 
   def restore(self, abstract_state: PyTree, data_iter: Any = None,
               step: int | None = None
@@ -232,21 +245,11 @@ class CheckpointRestorer:
     if step is not None and step not in steps:
       raise FileNotFoundError(f'No finished checkpoint {step} in '
                               f'{self.directory} (have {sorted(steps)}).')
-    failures = {}
-    for s in ([step] if step is not None else steps):
-      try:
-        return self._restore_fields(s, abstract), s
-      except Exception as e:  # pylint: disable=broad-exception-caught
-        if step is not None:
-          raise
-        failures[s] = f'{type(e).__name__}: {e}'
-        logging.warning('Checkpoint step %d in %s is unreadable or damaged '
-                        '(%s); trying an older step.', s, self.directory,
-                        failures[s][:500])
-    raise CheckpointRestoreError(
-        f'No checkpoint in {self.directory} could be restored. Tried (newest '
-        'first):\n  ' + '\n  '.join(
-            f'step {s}: {err[:500]}' for s, err in failures.items()))
+    if step is not None:
+      return self._restore_fields(step, abstract), step
+    restored, step, _ = self._newest_readable(
+        steps, lambda s: self._restore_fields(s, abstract))
+    return restored, step
 
   def _restore_fields(self, step: int, abstract: dict[str, PyTree]
                       ) -> dict[str, PyTree]:

@@ -263,6 +263,33 @@ def test_all_steps_unreadable_raises_listing_them(tmp_path):
   ckpt.close()
 
 
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_restore_fields_falls_back_but_leaves_the_damaged_step(tmp_path,
+                                                                caplog):
+  """A tokenizer loaded as a library reads the newest step that reads back,
+  as a resume does, but must not move a training run's files aside."""
+  _save_steps(tmp_path, [1, 2, 3]).close()
+  _corrupt(str(tmp_path / 'checkpoints' / '3'), 'delete_array_data')
+  ckpt = ckpt_lib.Checkpointer(tmp_path, save_every=1)
+  abstract = {'w': ckpt_lib.abstract_state_of(_state(0))['w']}
+  with caplog.at_level(logging.WARNING):
+    fields, step = ckpt.restore_fields(abstract)
+  assert step == 2 and set(fields) == {'w'}
+  np.testing.assert_array_equal(fields['w'], np.full((4, 3), 4.0))
+  assert any('step 3' in r.getMessage() for r in caplog.records)
+  assert ckpt.all_steps() == [1, 2, 3]
+  # A named step has no fallback: its own error, not an older step's arrays.
+  with pytest.raises(Exception) as err:
+    ckpt.restore_fields(abstract, step=3)
+  assert not isinstance(err.value, ckpt_lib.CheckpointRestoreError)
+  _corrupt(str(tmp_path / 'checkpoints' / '2'), 'delete_array_data')
+  _corrupt(str(tmp_path / 'checkpoints' / '1'), 'delete_array_data')
+  with pytest.raises(ckpt_lib.CheckpointRestoreError,
+                     match=r'(?s)step 3: .*step 2: .*step 1: '):
+    ckpt.restore_fields(abstract)
+  ckpt.close()
+
+
 def test_unfinished_tmp_step_is_ignored_and_cleaned(tmp_path):
   """Orbax (POSIX) writes `N.orbax-checkpoint-tmp-<ts>` and renames it."""
   _save_steps(tmp_path, [1, 2]).close()
