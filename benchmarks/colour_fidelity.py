@@ -28,7 +28,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from dqvq import visualize
 from dqvq.cpu import tuning as cpu_tuning  # defines --cpu_tuning
+from dqvq.data import transforms
 
 _RUN = flags.DEFINE_multi_string('run', None, 'A stage-1 run directory.')
 _PNG = flags.DEFINE_string('png', None, 'Write inputs and reconstructions '
@@ -43,7 +45,7 @@ FLAG_CROPS = {'flag 100 px': (0, 0, 100), 'flag 160 px': (0, 0, 160),
 
 
 def _unit(rgb) -> np.ndarray:
-  return np.asarray(rgb, np.float32) / 127.5 - 1.0
+  return transforms.to_model_range(np.asarray(rgb, np.uint8))
 
 
 def _rgb(image: np.ndarray) -> str:
@@ -80,14 +82,14 @@ def main(argv) -> None:
   x = np.stack(list(images.values()))
   ring = np.ones((SIZE, SIZE), bool)
   ring[8:-8, 8:-8] = False
-  panels = [np.concatenate(list(x), axis=1)]
+  panels = [x]
   print('| run, step | probe | input mean RGB | output mean RGB | spatial std '
         '| PSNR dB | flat: L1 error, ring / interior |')
   print('|---|---|---|---|---|---|---|')
   for run in _RUN.value:
     tok = tokenizer.load_stage1(run)
     y = np.asarray(tok.decode(tok.encode(jnp.asarray(x))['codes']))
-    panels.append(np.concatenate(list(y), axis=1))
+    panels.append(y)
     for name, a, b, p in zip(images, x, y, study_eval.psnr(x, y)):
       err = np.abs(a - b).mean(-1)
       border = (f'{err[ring].mean():.3f} / {err[~ring].mean():.3f}'
@@ -98,10 +100,8 @@ def main(argv) -> None:
             f'{b.std(axis=(0, 1)).mean():.3f} | '
             f'{p:.2f} | {border} |')
   if _PNG.value:
-    from PIL import Image
-    grid = np.concatenate(panels, axis=0)
-    Image.fromarray(((np.clip(grid, -1, 1) + 1) * 127.5).astype(np.uint8)
-                    ).save(_PNG.value)
+    visualize.save_png(_PNG.value, visualize.image_grid(
+        visualize.to_uint8(np.concatenate(panels)), ncols=len(images), pad=0))
     print(f'png={_PNG.value}')
 
 

@@ -77,7 +77,6 @@ def frechet_or_note(reference: fid_lib.ReferenceStats,
     return None, f'FID not computed: {e}'
 
 
-
 @dataclasses.dataclass
 class FIDSetup:
   """Inception features plus the cache of the real images' statistics."""
