@@ -112,6 +112,11 @@ def _loop_config(c: ml_collections.ConfigDict) -> None:
   # well below what a blown-up step gives; 0 turns the spike check off.
   c.loss_spike_factor = 10.0
   c.loss_spike_metric = 'l1_loss'
+  # Steps the host may dispatch ahead of the device. A stop (SIGTERM, Ctrl-C)
+  # waits for them before it saves, so keep it small where a scheduler kills
+  # the job seconds after its notice; 0 lets the host run ahead until the
+  # next log_every sync (the loop's behaviour before this field).
+  c.steps_in_flight = 1
 
 
 def stage1_config(arg: str | None = None) -> ml_collections.ConfigDict:

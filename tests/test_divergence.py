@@ -106,6 +106,7 @@ def test_resume_from_an_older_step_moves_the_newer_ones_aside(tmp_path):
     ('resume_step', -1, 'resume_step'),
     ('loss_spike_factor', 0.5, 'loss_spike_factor'),
     ('loss_spike_factor', -2.0, 'loss_spike_factor'),
+    ('steps_in_flight', -1, 'steps_in_flight'),
 ])
 def test_config_fields_validated(field, value, match, demo_data_dir):
   c = test_train.tiny(demo_data_dir)

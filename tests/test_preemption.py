@@ -19,12 +19,14 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
 from dqvq import checkpoint as ckpt_lib
+from dqvq.trainers import loop
 
 import test_train  # pylint: disable=g-bad-import-order
 
@@ -35,6 +37,28 @@ def _mesh() -> jax.sharding.Mesh:
   return jax.sharding.Mesh(
       np.array(jax.devices()).reshape(8, 1), ('data', 'fsdp'),
       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+@pytest.mark.parametrize('depth', [1, 2])
+def test_host_runs_at_most_depth_steps_ahead_of_the_device(depth):
+  # The loop's bound on asynchronous dispatch. Each "step" below takes tens
+  # of milliseconds and depends on the one before (as the donated state
+  # does), so dispatched back to back they would queue; once a step is
+  # added, every step older than the newest `depth` has finished, and a stop
+  # seen now waits for `depth` steps, not for all those since the last sync.
+  step = jax.jit(lambda a: jax.lax.fori_loop(
+      0, 16, lambda _, b: jnp.tanh(b @ b), a))
+  state = jax.random.normal(jax.random.key(0), (384, 384)) / 20
+  state = step(state).block_until_ready()  # compiled
+  in_flight = loop.StepsInFlight(depth)
+  outputs = []
+  for _ in range(6):
+    state = step(state)
+    outputs.append(state)
+    in_flight.add(state)
+    assert all(o.is_ready() for o in outputs[:-depth])
+  with pytest.raises(ValueError, match='depth'):
+    loop.StepsInFlight(-1)
 
 
 def test_sigint_handler_sets_flag_then_restores_the_default():

@@ -65,6 +65,10 @@ def validate_config(c: ml_collections.ConfigDict,
   for field in ('num_train_steps', 'log_every', 'checkpoint_every'):
     if c[field] <= 0:
       raise ValueError(f'config.{field} must be positive, got {c[field]}.')
+  if c.get('steps_in_flight', 1) < 0:
+    raise ValueError(f'config.steps_in_flight={c.steps_in_flight}; give the '
+                     'steps the host may run ahead (1 is the default), or 0 '
+                     'for no bound.')
   if c.get('resume_step', 0) < 0:
     raise ValueError(f'config.resume_step={c.resume_step}; give a saved step, '
                      'or 0 for the newest.')

@@ -1,0 +1,107 @@
+r"""How long a SIGTERM takes to become a saved checkpoint, by steps_in_flight.
+
+Schedulers (Slurm, Kubernetes, Cloud TPU) send SIGTERM some seconds before
+they kill a job; the save must land inside that window. A stop is seen at
+the next step the host dispatches, but the save waits for every step the
+host has already queued on the device (asynchronous dispatch). With no bound
+(`steps_in_flight=0`) the queue is up to `log_every` steps long; the default
+bound of 1 keeps it at one or two.
+
+This trains the demo's stage 1 (`python -m dqvq.train --config
+configs/demo.py`, the README's first command) in a subprocess per setting,
+sends SIGTERM `--delay_s` seconds after the progress line of `--signal_at`
+(mid-interval: right at the line the host has just synced and queued
+nothing), and prints,
+per run, the seconds from the signal to the process's exit, the step it
+saved, and the steps/s the progress line reported before the signal (the
+bound must not slow training). Settings alternate over `--rounds` so that
+load on the machine hits both alike.
+
+  python benchmarks/stop_latency.py --workdir W [--settings 0,1] \
+      [--rounds 2] [--signal_at 40] [--delay_s 5]
+
+Last line: `median_exit_s=` per setting.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+from absl import app
+from absl import flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Runs go here (deleted per run).')
+flags.DEFINE_list('settings', ['0', '1'], 'steps_in_flight values.')
+flags.DEFINE_integer('rounds', 2, 'Runs per setting, alternating.')
+flags.DEFINE_integer('signal_at', 40, 'SIGTERM once this step is logged '
+                     '(a multiple of the demo\'s log_every, 20).')
+flags.DEFINE_float('delay_s', 5.0, 'Seconds from that line to the signal.')
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def one_run(workdir: str, in_flight: int, signal_at: int,
+            delay_s: float) -> dict[str, float]:
+  """Trains until `signal_at`, signals, and times the stop."""
+  shutil.rmtree(workdir, ignore_errors=True)
+  cmd = [sys.executable, '-m', 'dqvq.train', '--config', 'configs/demo.py',
+         '--workdir', workdir,
+         f'--config.tokenizer.stage1.steps_in_flight={in_flight}']
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  rate, lines = None, []
+  for line in proc.stdout:
+    lines.append(line)
+    m = re.search(rf'step {signal_at}/\d+ .*\| ([\d.]+) steps/s', line)
+    if m:
+      rate = float(m.group(1))
+      break
+  if rate is None:
+    proc.wait()
+    raise RuntimeError('training ended before step '
+                       f'{signal_at}:\n' + ''.join(lines[-30:]))
+  time.sleep(delay_s)  # the console pipe holds a few lines meanwhile
+  sent = time.monotonic()
+  proc.send_signal(signal.SIGTERM)
+  rest = proc.stdout.read()
+  rc = proc.wait()
+  exit_s = time.monotonic() - sent
+  m = re.search(r'Stopped at step (\d+)/', rest)
+  if rc != 0 or not m:
+    raise RuntimeError(f'rc={rc}, no stop line:\n{rest[-3000:]}')
+  return {'exit_s': exit_s, 'saved_step': int(m.group(1)),
+          'steps_per_s': rate}
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  settings = [int(s) for s in FLAGS.settings]
+  results: dict[int, list[dict[str, float]]] = {s: [] for s in settings}
+  for r in range(FLAGS.rounds):
+    for s in settings:
+      res = one_run(os.path.join(FLAGS.workdir, f'in_flight_{s}'), s,
+                    FLAGS.signal_at, FLAGS.delay_s)
+      results[s].append(res)
+      print(f'round {r} steps_in_flight={s}: SIGTERM {FLAGS.delay_s:g} s '
+            f'after step {FLAGS.signal_at} -> exit in {res["exit_s"]:.1f} s, '
+            f'saved step '
+            f'{res["saved_step"]}, {res["steps_per_s"]:.2f} steps/s before',
+            flush=True)
+  print('median_exit_s=' + ' '.join(
+      f'{s}:{statistics.median(r["exit_s"] for r in runs):.1f}'
+      for s, runs in results.items()))
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['workdir'])
+  app.run(main)
