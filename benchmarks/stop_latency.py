@@ -8,14 +8,13 @@ host has already queued on the device (asynchronous dispatch). With no bound
 bound of 1 keeps it at one or two.
 
 This trains the demo's stage 1 (`python -m dqvq.train --config
-configs/demo.py`, the README's first command) in a subprocess per setting,
+configs/demo.py`, the README's first command) in a subprocess per setting and
 sends SIGTERM `--delay_s` seconds after the progress line of `--signal_at`
 (mid-interval: right at the line the host has just synced and queued
-nothing), and prints,
-per run, the seconds from the signal to the process's exit, the step it
-saved, and the steps/s the progress line reported before the signal (the
-bound must not slow training). Settings alternate over `--rounds` so that
-load on the machine hits both alike.
+nothing). Per run it prints the seconds from the signal to the process's
+exit, the step it saved, and the steps/s the progress line reported before
+the signal (the bound must not slow training). Settings alternate over
+`--rounds` so that load on the machine hits both alike.
 
   python benchmarks/stop_latency.py --workdir W [--settings 0,1] \
       [--rounds 2] [--signal_at 40] [--delay_s 5]
@@ -94,8 +93,8 @@ def main(argv: Sequence[str]) -> None:
       results[s].append(res)
       print(f'round {r} steps_in_flight={s}: SIGTERM {FLAGS.delay_s:g} s '
             f'after step {FLAGS.signal_at} -> exit in {res["exit_s"]:.1f} s, '
-            f'saved step '
-            f'{res["saved_step"]}, {res["steps_per_s"]:.2f} steps/s before',
+            f'saved step {res["saved_step"]}, '
+            f'{res["steps_per_s"]:.2f} steps/s before',
             flush=True)
   print('median_exit_s=' + ' '.join(
       f'{s}:{statistics.median(r["exit_s"] for r in runs):.1f}'
