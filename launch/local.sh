@@ -61,32 +61,20 @@ dry_run=0
 args=()
 
 while (($#)); do
-  opt=$1
-  # `--opt=value` and `--opt value` both work; `_` and `-` are the same.
-  value=''
-  has_value=0
-  if [[ $opt == --*=* ]]; then
-    value=${opt#*=}
-    opt=${opt%%=*}
-    has_value=1
-  fi
-  opt=${opt//_/-}
+  split_option "$1"
   case $opt in
     -h | --help) usage; exit 0 ;;
-    --dry-run) dry_run=1; shift; continue ;;
     --) shift; args=("$@"); break ;;
+    --dry-run) flag_option ;;
     --num-processes | --devices-per-process | --platform | --port | \
       --logdir | --module | --python | --env)
-      if ((!has_value)); then
-        (($# >= 2)) || die_usage "$1 needs a value"
-        value=$2
-        shift
-      fi
-      shift
+      value_option "$@"
       ;;
     *) die_usage "unknown argument '$1' (python flags go after --)" ;;
   esac
+  shift "$taken"
   case $opt in
+    --dry-run) dry_run=1 ;;
     --num-processes) num_processes=$value ;;
     --devices-per-process) devices_per_process=$value ;;
     --platform) platform=$value ;;

@@ -79,34 +79,22 @@ dry_run=0
 args=()
 
 while (($#)); do
-  opt=$1
-  # `--opt=value` and `--opt value` both work; `_` and `-` are the same.
-  value=''
-  has_value=0
-  if [[ $opt == --*=* ]]; then
-    value=${opt#*=}
-    opt=${opt%%=*}
-    has_value=1
-  fi
-  opt=${opt//_/-}
+  split_option "$1"
   case $opt in
     -h | --help) usage; exit 0 ;;
-    --dry-run) dry_run=1; shift; continue ;;
-    --per-node) per_node=1; shift; continue ;;
     --) shift; args=("$@"); break ;;
+    --dry-run | --per-node) flag_option ;;
     --nodes | --gpus-per-node | --partition | --account | --time | \
       --job-name | --cpus-per-task | --output-dir | --sbatch-flag | \
       --setup | --module | --python | --env | --script)
-      if ((!has_value)); then
-        (($# >= 2)) || die_usage "$1 needs a value"
-        value=$2
-        shift
-      fi
-      shift
+      value_option "$@"
       ;;
     *) die_usage "unknown argument '$1' (python flags go after --)" ;;
   esac
+  shift "$taken"
   case $opt in
+    --dry-run) dry_run=1 ;;
+    --per-node) per_node=1 ;;
     --nodes) nodes=$value ;;
     --gpus-per-node) gpus_per_node=$value ;;
     --partition) partition=$value ;;

@@ -84,36 +84,22 @@ dry_run=0
 args=()
 
 while (($#)); do
-  opt=$1
-  # `--opt=value` and `--opt value` both work; `_` and `-` are the same.
-  value=''
-  has_value=0
-  if [[ $opt == --*=* ]]; then
-    value=${opt#*=}
-    opt=${opt%%=*}
-    has_value=1
-  fi
-  opt=${opt//_/-}
+  split_option "$1"
   case $opt in
     -h | --help) usage; exit 0 ;;
     --) shift; args=("$@"); break ;;
     --spot | --preemptible | --no-create | --no-copy | --no-install | \
       --delete | --delete-on-failure | --dry-run)
-      ((!has_value)) || die_usage "$opt takes no value"
-      shift
+      flag_option
       ;;
     --name | --zone | --accelerator | --accelerator-type | --version | \
       --project | --create-flag | --remote-dir | --remote-python | --module | \
       --env | --log)
-      if ((!has_value)); then
-        (($# >= 2)) || die_usage "$1 needs a value"
-        value=$2
-        shift
-      fi
-      shift
+      value_option "$@"
       ;;
     *) die_usage "unknown argument '$1' (python flags go after --)" ;;
   esac
+  shift "$taken"
   case $opt in
     --spot) spot=1 ;;
     --preemptible) preemptible=1 ;;

@@ -186,6 +186,13 @@ def test_help(script):
                     '--spot', '--preemptible'], 'exclude each other'),
     ('tpu_pod.sh', ['--name', 'Bad_Name', '--zone', 'z', '--no-create'],
      '--name must be'),
+    # A flag given a value is refused, not taken as on (`--dry_run=0`).
+    ('local.sh', ['--dry_run=0', '--num_processes=2'],
+     '--dry-run takes no value'),
+    ('slurm.sh', ['--per_node=no', '--nodes=2', '--gpus-per-node=8'],
+     '--per-node takes no value'),
+    ('tpu_pod.sh', ['--name=x', '--zone=z', '--accelerator=v4-8',
+                    '--spot=false'], '--spot takes no value'),
 ])
 def test_bad_arguments_exit_2_with_usage(script, args, message):
   result = _run(script, '--dry-run', *args)
