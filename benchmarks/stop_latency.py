@@ -17,7 +17,13 @@ the signal (the bound must not slow training). Settings alternate over
 `--rounds` so that load on the machine hits both alike.
 
   python benchmarks/stop_latency.py --workdir W [--settings 0,1] \
-      [--rounds 2] [--signal_at 40] [--delay_s 5]
+      [--rounds 2] [--signal_at 40] [--delay_s 5] [--resume_from 20]
+
+With `--resume_from S`, each run first trains to step S and stops there
+(untimed), and the timed run resumes from that checkpoint: a resumed run has
+not validated yet, and the save's probe of the state must not compile the
+validation program inside the grace period (the loop compiles it at the
+start).
 
 Last line: `median_exit_s=` per setting.
 """
@@ -44,17 +50,27 @@ flags.DEFINE_integer('rounds', 2, 'Runs per setting, alternating.')
 flags.DEFINE_integer('signal_at', 40, 'SIGTERM once this step is logged '
                      '(a multiple of the demo\'s log_every, 20).')
 flags.DEFINE_float('delay_s', 5.0, 'Seconds from that line to the signal.')
+flags.DEFINE_integer('resume_from', 0, '>0: train to this step first, and '
+                     'time the run that resumes from it.')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def one_run(workdir: str, in_flight: int, signal_at: int,
-            delay_s: float) -> dict[str, float]:
-  """Trains until `signal_at`, signals, and times the stop."""
+def one_run(workdir: str, in_flight: int, signal_at: int, delay_s: float,
+            resume_from: int = 0) -> dict[str, float]:
+  """Trains until `signal_at` (from `resume_from`), signals, times the stop."""
   shutil.rmtree(workdir, ignore_errors=True)
   cmd = [sys.executable, '-m', 'dqvq.train', '--config', 'configs/demo.py',
          '--workdir', workdir,
          f'--config.tokenizer.stage1.steps_in_flight={in_flight}']
+  if resume_from:
+    first = subprocess.run(
+        cmd + [f'--config.tokenizer.stage1.stop_at_step={resume_from}'],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, check=False)
+    if first.returncode != 0 or 'Stopped at step' not in first.stdout:
+      raise RuntimeError(f'rc={first.returncode}, no stop at {resume_from}:'
+                         f'\n{first.stdout[-3000:]}')
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   rate, lines = None, []
@@ -84,15 +100,20 @@ def one_run(workdir: str, in_flight: int, signal_at: int,
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS.resume_from and FLAGS.resume_from >= FLAGS.signal_at:
+    raise app.UsageError(f'--resume_from ({FLAGS.resume_from}) must be below '
+                         f'--signal_at ({FLAGS.signal_at}).')
   settings = [int(s) for s in FLAGS.settings]
   results: dict[int, list[dict[str, float]]] = {s: [] for s in settings}
   for r in range(FLAGS.rounds):
     for s in settings:
       res = one_run(os.path.join(FLAGS.workdir, f'in_flight_{s}'), s,
-                    FLAGS.signal_at, FLAGS.delay_s)
+                    FLAGS.signal_at, FLAGS.delay_s, FLAGS.resume_from)
       results[s].append(res)
+      resumed = (f' (resumed at {FLAGS.resume_from})' if FLAGS.resume_from
+                 else '')
       print(f'round {r} steps_in_flight={s}: SIGTERM {FLAGS.delay_s:g} s '
-            f'after step {FLAGS.signal_at} -> exit in {res["exit_s"]:.1f} s, '
+            f'after step {FLAGS.signal_at}{resumed} -> exit in {res["exit_s"]:.1f} s, '
             f'saved step {res["saved_step"]}, '
             f'{res["steps_per_s"]:.2f} steps/s before',
             flush=True)

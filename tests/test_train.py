@@ -3,6 +3,7 @@
 Stage 2 and the two-stage demo are in test_stage2.py.
 """
 
+import dataclasses
 import functools
 import importlib.util
 import logging
@@ -93,7 +94,28 @@ def test_two_step_smoke_run_per_config(name, demo_data_dir, tmp_path, caplog):
 
 
 @pytest.mark.long
-def test_resume_equals_uninterrupted_bitwise(demo_data_dir, tmp_path):
+def _tracing_order(monkeypatch) -> list[str]:
+  """Makes the loop's tasks record 'train' / 'eval' whenever jit traces
+  (so compiles) their steps: a jitted function's body runs only then."""
+  traced, make_task = [], loop.make_task
+
+  def spy(name, fn):
+    def traced_fn(*args):
+      traced.append(name)
+      return fn(*args)
+    return traced_fn
+
+  def spied(*args):
+    task = make_task(*args)
+    return dataclasses.replace(task, train_step=spy('train', task.train_step),
+                               eval_step=spy('eval', task.eval_step))
+
+  monkeypatch.setattr(loop, 'make_task', spied)
+  return traced
+
+
+def test_resume_equals_uninterrupted_bitwise(demo_data_dir, tmp_path,
+                                             monkeypatch):
   # ffhq's runlocal trains the GAN too, so its state is covered. Same config
   # in all runs (one compiled program); the interrupted run stops after step 1
   # exactly as on preemption, then a second invocation finishes it.
@@ -101,8 +123,14 @@ def test_resume_equals_uninterrupted_bitwise(demo_data_dir, tmp_path):
   straight = loop.train_and_evaluate(c, str(tmp_path / 'a'))
   interrupted = tiny(demo_data_dir, 'ffhq_stage1', stop_at_step=1)
   assert int(loop.train_and_evaluate(interrupted, str(tmp_path / 'b')).step) == 1
+  traced = _tracing_order(monkeypatch)
   resumed = loop.train_and_evaluate(c, str(tmp_path / 'b'))
   assert int(resumed.step) == c.num_train_steps == 2
+  # Every save first probes its state on a validation batch. A fresh run
+  # compiles that program for step 0's validation; a resumed one must do so
+  # before its first step too, or its first SIGTERM's save would wait for a
+  # compile inside the scheduler's grace period.
+  assert traced == ['eval', 'train']
   _leaves_equal(straight.params, resumed.params)
   _leaves_equal(straight.codebook, resumed.codebook)
   _leaves_equal(straight.opt_state, resumed.opt_state)

@@ -249,6 +249,16 @@ def _loop(config: ml_collections.ConfigDict, workdir: str,
       config.num_train_steps, config.batch_size, every=config.log_every,
       metric_keys=('loss',))
   accumulator = metrics_lib.MetricsAccumulator()
+  probe_batch = None
+
+  def probe(state) -> dict[str, float]:
+    """Validation metrics of `state` on one batch, always the first."""
+    nonlocal probe_batch
+    if probe_batch is None:
+      probe_batch = next(iter(task.datasets.eval))
+    return task.summarize(jax.device_get(eval_fn(
+        state, device_batch(probe_batch, mesh, task.batch_keys), frozen)))
+
   step = start_step = int(state.step)
   val = None
   if step == 0:  # the untrained baseline every later validation compares to
@@ -256,9 +266,17 @@ def _loop(config: ml_collections.ConfigDict, workdir: str,
     metrics_lib.write_scalars(writer, 0, val)
     logging.info('step 0 validation: %s', _format_metrics(val))
     guard.check_state(0, val)  # also the reference for later validations
+  else:
+    # Every save probes the state it saves, and a resumed run has not yet
+    # compiled the validation program: the first stop's save would compile
+    # it inside the scheduler's grace period (benchmarks/stop_latency.py
+    # --resume). Compile it here instead, where it delays only the start,
+    # and show what the restored state measures (a restore of the wrong run
+    # shows here, before any compute is spent on it).
+    logging.info('step %d (restored) on one validation batch: %s', step,
+                 _format_metrics(probe(state)))
   skipped = 0
   last_batch = None
-  probe_batch = None
   scalars: dict[str, float] = {}
   stopped = None
   in_flight = StepsInFlight(config.get('steps_in_flight', 1))
@@ -299,11 +317,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str,
       if step_val is None:
         # The loss of the very state to be saved, on one validation batch:
         # the training loss is one update behind it (DivergenceGuard).
-        if probe_batch is None:
-          probe_batch = next(iter(task.datasets.eval))
-        guard.check_state(step, task.summarize(jax.device_get(eval_fn(
-            state, device_batch(probe_batch, mesh, task.batch_keys),
-            frozen))), checkpointer.all_steps())
+        guard.check_state(step, probe(state), checkpointer.all_steps())
       checkpointer.maybe_save(
           step, state, data_iter=train_iter, metrics=step_val, force=force,
           extra={'divergence_guard': guard.state_dict()})
