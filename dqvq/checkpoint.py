@@ -265,6 +265,23 @@ class Checkpointer(checkpoint_restore.CheckpointRestorer):
 
   # -- saving ---------------------------------------------------------------
 
+  def check_state(self, step: int, state: PyTree) -> None:
+    """Refuses a state holding NaN/inf, as every save does first.
+
+    The training loop also calls it once before its first step: the check
+    is a compiled program, which would otherwise compile inside the grace
+    period of the run's first SIGTERM (benchmarks/stop_latency.py).
+
+    Raises:
+      NonFiniteLossError: naming the leaves and the last good saved step.
+    """
+    if not self.check_state_finite:
+      return
+    bad = nonfinite_leaves(state)
+    if bad:
+      raise NonFiniteLossError(step, [f'state{b}' for b in bad],
+                               self.latest_step(), self.all_steps())
+
   def save_due(self, step: int, force: bool = False) -> bool:
     """Whether `maybe_save(step, ..., force=force)` would write (the loop
     checks the state it is about to save only then)."""
@@ -301,11 +318,7 @@ class Checkpointer(checkpoint_restore.CheckpointRestorer):
     saved_steps = self.all_steps()
     check_finite(step, {k: v for k, v in metrics.items()
                         if isinstance(v, (int, float))}, latest, saved_steps)
-    if self.check_state_finite:
-      bad = nonfinite_leaves(state)
-      if bad:
-        raise NonFiniteLossError(step, [f'state{b}' for b in bad], latest,
-                                 saved_steps)
+    self.check_state(step, state)
     meta = {
         'step': int(step),
         'time': time.time(),

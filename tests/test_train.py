@@ -21,6 +21,7 @@ import pytest
 
 
 from dqvq import losses
+from dqvq import run_guards
 from dqvq import sharding
 from dqvq.trainers import checks
 from dqvq.trainers import loop
@@ -96,7 +97,8 @@ def test_two_step_smoke_run_per_config(name, demo_data_dir, tmp_path, caplog):
 @pytest.mark.long
 def _tracing_order(monkeypatch) -> list[str]:
   """Makes the loop's tasks record 'train' / 'eval' whenever jit traces
-  (so compiles) their steps: a jitted function's body runs only then."""
+  (so compiles) their steps, and the checkpointer 'finite' for its check of
+  the state: a jitted function's body runs only then."""
   traced, make_task = [], loop.make_task
 
   def spy(name, fn):
@@ -111,6 +113,8 @@ def _tracing_order(monkeypatch) -> list[str]:
                                eval_step=spy('eval', task.eval_step))
 
   monkeypatch.setattr(loop, 'make_task', spied)
+  monkeypatch.setattr(run_guards, '_finite_per_leaf', jax.jit(
+      spy('finite', run_guards._finite_per_leaf.__wrapped__)))  # pylint: disable=protected-access
   return traced
 
 
@@ -126,11 +130,11 @@ def test_resume_equals_uninterrupted_bitwise(demo_data_dir, tmp_path,
   traced = _tracing_order(monkeypatch)
   resumed = loop.train_and_evaluate(c, str(tmp_path / 'b'))
   assert int(resumed.step) == c.num_train_steps == 2
-  # Every save first probes its state on a validation batch. A fresh run
-  # compiles that program for step 0's validation; a resumed one must do so
-  # before its first step too, or its first SIGTERM's save would wait for a
-  # compile inside the scheduler's grace period.
-  assert traced == ['eval', 'train']
+  # Every save first checks its state (finite leaves, the loss on a
+  # validation batch). Those programs must compile before the first step,
+  # or the first SIGTERM's save would wait for compiles inside the
+  # scheduler's grace period.
+  assert traced == ['finite', 'eval', 'train']
   _leaves_equal(straight.params, resumed.params)
   _leaves_equal(straight.codebook, resumed.codebook)
   _leaves_equal(straight.opt_state, resumed.opt_state)

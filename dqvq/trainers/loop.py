@@ -260,6 +260,12 @@ def _loop(config: ml_collections.ConfigDict, workdir: str,
         state, device_batch(probe_batch, mesh, task.batch_keys), frozen)))
 
   step = start_step = int(state.step)
+  # Every save first checks the state it saves: its leaves are finite (the
+  # checkpointer) and its loss on a validation batch (`probe`). Both are
+  # compiled programs; they compile here, before the first step, and not
+  # inside the grace period of the run's first SIGTERM
+  # (benchmarks/stop_latency.py --resume_from).
+  checkpointer.check_state(step, state)
   val = None
   if step == 0:  # the untrained baseline every later validation compares to
     val = evaluate(task, state, eval_fn, mesh, config)
@@ -267,12 +273,8 @@ def _loop(config: ml_collections.ConfigDict, workdir: str,
     logging.info('step 0 validation: %s', _format_metrics(val))
     guard.check_state(0, val)  # also the reference for later validations
   else:
-    # Every save probes the state it saves, and a resumed run has not yet
-    # compiled the validation program: the first stop's save would compile
-    # it inside the scheduler's grace period (benchmarks/stop_latency.py
-    # --resume). Compile it here instead, where it delays only the start,
-    # and show what the restored state measures (a restore of the wrong run
-    # shows here, before any compute is spent on it).
+    # Also shows what the restored state measures: a restore of the wrong
+    # run shows here, before any compute is spent on it.
     logging.info('step %d (restored) on one validation batch: %s', step,
                  _format_metrics(probe(state)))
   skipped = 0
