@@ -1,4 +1,4 @@
-r"""How long a SIGTERM takes to become a saved checkpoint, by steps_in_flight.
+r"""What a preemption costs: the stop (SIGTERM to saved) and the restart.
 
 Schedulers (Slurm, Kubernetes, Cloud TPU) send SIGTERM some seconds before
 they kill a job; the save must land inside that window. A stop is seen at
@@ -20,12 +20,16 @@ the signal (the bound must not slow training). Settings alternate over
       [--rounds 2] [--signal_at 40] [--delay_s 5] [--resume_from 20]
 
 With `--resume_from S`, each run first trains to step S and stops there
-(untimed), and the timed run resumes from that checkpoint: a resumed run has
-not validated yet, and the save's probe of the state must not compile the
-validation program inside the grace period (the loop compiles it at the
-start).
+(untimed), and the timed run resumes from that checkpoint, as a job
+restarted after a preemption does. Its stop must not compile anything (the
+save's probe of the state needs the validation program, which a resumed run
+compiles at its start), and it also reports the seconds from its launch to
+the `--signal_at` progress line. A setting `N+cache` runs with
+`JAX_COMPILATION_CACHE_DIR` set (W/jax_cache, kept over the rounds, so warm
+after the first run): the restart loads its compiled programs instead of
+compiling them (`--settings 1,1+cache`).
 
-Last line: `median_exit_s=` per setting.
+Last line: `median_exit_s=` per setting (and `median_launch_s=` on resume).
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ from absl import flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Runs go here (deleted per run).')
-flags.DEFINE_list('settings', ['0', '1'], 'steps_in_flight values.')
+flags.DEFINE_list('settings', ['0', '1'], 'steps_in_flight values, each '
+                  'optionally with "+cache" (a persistent compilation cache).')
 flags.DEFINE_integer('rounds', 2, 'Runs per setting, alternating.')
 flags.DEFINE_integer('signal_at', 40, 'SIGTERM once this step is logged '
                      '(a multiple of the demo\'s log_every, 20).')
@@ -57,21 +62,27 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def one_run(workdir: str, in_flight: int, signal_at: int, delay_s: float,
-            resume_from: int = 0) -> dict[str, float]:
+            resume_from: int = 0,
+            cache_dir: str | None = None) -> dict[str, float]:
   """Trains until `signal_at` (from `resume_from`), signals, times the stop."""
   shutil.rmtree(workdir, ignore_errors=True)
   cmd = [sys.executable, '-m', 'dqvq.train', '--config', 'configs/demo.py',
          '--workdir', workdir,
          f'--config.tokenizer.stage1.steps_in_flight={in_flight}']
+  env = dict(os.environ)
+  env.pop('JAX_COMPILATION_CACHE_DIR', None)
+  if cache_dir:
+    env['JAX_COMPILATION_CACHE_DIR'] = cache_dir
   if resume_from:
     first = subprocess.run(
         cmd + [f'--config.tokenizer.stage1.stop_at_step={resume_from}'],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, check=False)
     if first.returncode != 0 or 'Stopped at step' not in first.stdout:
       raise RuntimeError(f'rc={first.returncode}, no stop at {resume_from}:'
                          f'\n{first.stdout[-3000:]}')
-  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
+  launched = time.monotonic()
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   rate, lines = None, []
   for line in proc.stdout:
@@ -84,6 +95,7 @@ def one_run(workdir: str, in_flight: int, signal_at: int, delay_s: float,
     proc.wait()
     raise RuntimeError('training ended before step '
                        f'{signal_at}:\n' + ''.join(lines[-30:]))
+  launch_s = time.monotonic() - launched
   time.sleep(delay_s)  # the console pipe holds a few lines meanwhile
   sent = time.monotonic()
   proc.send_signal(signal.SIGTERM)
@@ -94,7 +106,7 @@ def one_run(workdir: str, in_flight: int, signal_at: int, delay_s: float,
   if rc != 0 or not m:
     raise RuntimeError(f'rc={rc}, no stop line:\n{rest[-3000:]}')
   return {'exit_s': exit_s, 'saved_step': int(m.group(1)),
-          'steps_per_s': rate}
+          'steps_per_s': rate, 'launch_s': launch_s}
 
 
 def main(argv: Sequence[str]) -> None:
@@ -103,23 +115,31 @@ def main(argv: Sequence[str]) -> None:
   if FLAGS.resume_from and FLAGS.resume_from >= FLAGS.signal_at:
     raise app.UsageError(f'--resume_from ({FLAGS.resume_from}) must be below '
                          f'--signal_at ({FLAGS.signal_at}).')
-  settings = [int(s) for s in FLAGS.settings]
-  results: dict[int, list[dict[str, float]]] = {s: [] for s in settings}
+  settings = {}
+  for s in FLAGS.settings:
+    depth, _, cache = s.partition('+')
+    if not depth.isdigit() or cache not in ('', 'cache'):
+      raise app.UsageError(f'--settings takes N or N+cache, got {s!r}.')
+    settings[s] = (int(depth), cache == 'cache')
+  cache_dir = os.path.join(FLAGS.workdir, 'jax_cache')
+  results: dict[str, list[dict[str, float]]] = {s: [] for s in settings}
   for r in range(FLAGS.rounds):
-    for s in settings:
-      res = one_run(os.path.join(FLAGS.workdir, f'in_flight_{s}'), s,
-                    FLAGS.signal_at, FLAGS.delay_s, FLAGS.resume_from)
+    for s, (depth, cache) in settings.items():
+      res = one_run(os.path.join(FLAGS.workdir, f'in_flight_{s}'), depth,
+                    FLAGS.signal_at, FLAGS.delay_s, FLAGS.resume_from,
+                    cache_dir if cache else None)
       results[s].append(res)
-      resumed = (f' (resumed at {FLAGS.resume_from})' if FLAGS.resume_from
-                 else '')
+      resumed = (f' (resumed at {FLAGS.resume_from}, that line '
+                 f'{res["launch_s"]:.1f} s after the launch)'
+                 if FLAGS.resume_from else '')
       print(f'round {r} steps_in_flight={s}: SIGTERM {FLAGS.delay_s:g} s '
-            f'after step {FLAGS.signal_at}{resumed} -> exit in {res["exit_s"]:.1f} s, '
-            f'saved step {res["saved_step"]}, '
-            f'{res["steps_per_s"]:.2f} steps/s before',
-            flush=True)
-  print('median_exit_s=' + ' '.join(
-      f'{s}:{statistics.median(r["exit_s"] for r in runs):.1f}'
-      for s, runs in results.items()))
+            f'after step {FLAGS.signal_at}{resumed} -> exit in '
+            f'{res["exit_s"]:.1f} s, saved step {res["saved_step"]}, '
+            f'{res["steps_per_s"]:.2f} steps/s before', flush=True)
+  medians = ['exit_s'] + (['launch_s'] if FLAGS.resume_from else [])
+  print(' '.join(f'median_{k}=' + ','.join(
+      f'{s}:{statistics.median(r[k] for r in runs):.1f}'
+      for s, runs in results.items()) for k in medians))
 
 
 if __name__ == '__main__':
