@@ -94,7 +94,6 @@ def test_two_step_smoke_run_per_config(name, demo_data_dir, tmp_path, caplog):
       f'{tmp_path}/pictures; curves: tensorboard --logdir {tmp_path}')
 
 
-@pytest.mark.long
 def _tracing_order(monkeypatch) -> list[str]:
   """Makes the loop's tasks record 'train' / 'eval' whenever jit traces
   (so compiles) their steps, and the checkpointer 'finite' for its check of
@@ -118,6 +117,7 @@ def _tracing_order(monkeypatch) -> list[str]:
   return traced
 
 
+@pytest.mark.long
 def test_resume_equals_uninterrupted_bitwise(demo_data_dir, tmp_path,
                                              monkeypatch):
   # ffhq's runlocal trains the GAN too, so its state is covered. Same config
