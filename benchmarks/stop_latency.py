@@ -48,7 +48,8 @@ from absl import app
 from absl import flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Runs go here (deleted per run).')
+flags.DEFINE_string('workdir', None, 'Runs go here (each deleted before it '
+                    'starts; the compilation cache jax_cache/ is kept).')
 flags.DEFINE_list('settings', ['0', '1'], 'steps_in_flight values, each '
                   'optionally with "+cache" (a persistent compilation cache).')
 flags.DEFINE_integer('rounds', 2, 'Runs per setting, alternating.')

@@ -2,8 +2,8 @@
 # and quoting.
 # The sourcing script defines `prog` and `usage`, and for
 # check_module_python_env the variables `module`, `python` and `extra_env`;
-# the option parsers set `opt`, `value`, `has_value` and `taken` for it
-# (SC2034: used by the sourcing script, not here).
+# the option parsers set `opt`, `value` and `taken` for it (SC2034: used by
+# the sourcing script, not here).
 # shellcheck shell=bash disable=SC2154,SC2034
 
 die_usage() {
