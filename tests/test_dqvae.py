@@ -221,11 +221,11 @@ def test_feature_router_budget_at_inference(variant):
   size = max(size, 32)
   x = jax.random.uniform(jax.random.key(3), (2, size, size, 3), minval=-1.0,
                          maxval=1.0)
-  variables = model.init(RNGS, x)
+  variables = jax.jit(model.init)(RNGS, x)
   k = model.num_grains
   ratios = (0.5, 0.5) if k == 2 else (0.25, 0.25, 0.5)
-  out = model.apply(variables, x, grain_ratios=ratios,
-                    method=dqvae.DQVAE.encode)
+  out = jax.jit(lambda v: model.apply(v, x, grain_ratios=ratios,
+                                      method=dqvae.DQVAE.encode))(variables)
   grain_map = np.asarray(out['grain_map'])
   n = grain_map[0].size
   for g, r in enumerate(ratios):
@@ -237,16 +237,17 @@ def test_feature_router_budget_at_inference(variant):
   for b in range(2):  # every finest region outranks every other region
     assert score[b][finest[b]].min() >= score[b][~finest[b]].max()
   with pytest.raises(ValueError, match='inference-time budget'):
-    model.apply(variables, x, train=True, grain_ratios=ratios,
-                method=dqvae.DQVAE.encode,
-                rngs={'gumbel': RNGS['gumbel'], 'restart': RNGS['restart']})
+    jax.eval_shape(lambda v: model.apply(
+        v, x, train=True, grain_ratios=ratios, method=dqvae.DQVAE.encode,
+        rngs={'gumbel': RNGS['gumbel'], 'restart': RNGS['restart']}),
+                   variables)
 
 
 def test_missing_entropy_thresholds_file_is_clear():
   model = dqvae.DQVAE(**{**dqvae.tiny_kwargs('entropy_dual'),
                          'entropy_thresholds': '/nonexistent/thresholds.json'})
   with pytest.raises(FileNotFoundError, match='entropy_thresholds'):
-    model.init(RNGS, jnp.zeros((1, 32, 32, 3)))
+    jax.eval_shape(lambda x: model.init(RNGS, x), jnp.zeros((1, 32, 32, 3)))
 
 
 def test_gain_router_target_is_the_oracle_allocation():
@@ -259,11 +260,12 @@ def test_gain_router_target_is_the_oracle_allocation():
   variables = jax.jit(model.init)(RNGS, x)
   out, _ = jax.jit(lambda v: model.apply(v, x, train=True, rngs=RNGS,
                                          mutable=['codebook']))(variables)
-  recon = {}
-  for grain in (0, 1):
-    gmap = allocation.uniform_grain_map(2, (4, 4), grain)
-    q = model.apply(variables, x, grain_map=gmap, method=model.encode)
-    recon[grain] = model.apply(variables, q['quantized'], method=model.decode)
+  @jax.jit
+  def uniform_recon(v, gmap):
+    q = model.apply(v, x, grain_map=gmap, method=model.encode)
+    return model.apply(v, q['quantized'], method=model.decode)
+  recon = {grain: uniform_recon(variables, allocation.uniform_grain_map(
+      2, (4, 4), grain)) for grain in (0, 1)}
   target = allocation.oracle_grain_map(
       allocation.region_gain(x, recon[0], recon[1], 4), model.grain_ratios)
   assert int(target.sum()) == 2 * 8  # half of each image's 16 regions fine
@@ -271,7 +273,8 @@ def test_gain_router_target_is_the_oracle_allocation():
   want = -jnp.mean(jnp.take_along_axis(logp, target[..., None], -1))
   np.testing.assert_allclose(out['router_loss'], want, rtol=1e-5)
   # Only a training forward of the feature router has it.
-  assert 'router_loss' not in model.apply(variables, x)
+  assert 'router_loss' not in jax.eval_shape(
+      lambda v: model.apply(v, x), variables)
   # It trains the gate and nothing else: the router reads the encoder's
   # features without back-propagating into them.
   grads = jax.jit(jax.grad(lambda p: model.apply(

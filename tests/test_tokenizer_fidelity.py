@@ -54,9 +54,11 @@ def probe(data_dir: str, workdir: str, steps: int = 120, resolution: int = 32,
   state = loop.train_and_evaluate(c, workdir)
   vae = stage1.build_models(c).vae
   x = jnp.stack([jnp.full((resolution, resolution, 3), v) for v in LEVELS])
-  out = vae.apply({'params': state.params, 'codebook': state.codebook}, x,
-                  rngs={'router': jax.random.key(0)})
-  y = np.asarray(jnp.clip(out['reconstruction'], -1, 1))
+  # Jitted: run eagerly, the model's hundreds of ops compile one by one.
+  reconstruct = jax.jit(lambda v, x: vae.apply(
+      v, x, rngs={'router': jax.random.key(0)})['reconstruction'])
+  y = np.asarray(jnp.clip(reconstruct(
+      {'params': state.params, 'codebook': state.codebook}, x), -1, 1))
   return {'mean': y.mean(axis=(1, 2, 3)), 'std': y.std(axis=(1, 2, 3))}
 
 

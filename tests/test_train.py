@@ -73,25 +73,31 @@ def _leaves_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize('name', ['demo', 'imagenet_stage1', 'ffhq_stage1'])
-def test_two_step_smoke_run_per_config(name, demo_data_dir, tmp_path, caplog):
-  c = tiny(demo_data_dir, name)
-  with caplog.at_level(logging.INFO):
-    state = loop.train_and_evaluate(c, str(tmp_path))
-  assert int(state.step) == 2
-  ckpts = sorted(os.listdir(tmp_path / 'checkpoints'))
-  assert '2' in ckpts
-  assert any(f.startswith('events') for f in os.listdir(tmp_path))
-  assert os.listdir(tmp_path / 'pictures')
-  # The end-of-run summary: final metrics, where the results are.
+def _assert_finished_two_step_run(workdir, caplog) -> None:
+  """What a finished 2-step run leaves: checkpoints, TensorBoard events,
+  pictures, and the end-of-run summary naming them."""
+  assert {'1', '2'} <= set(os.listdir(workdir / 'checkpoints'))
+  assert any(f.startswith('events') for f in os.listdir(workdir))
+  assert os.listdir(workdir / 'pictures')
   summary = [r.getMessage() for r in caplog.records
              if r.filename == 'loop.py'][-3:]
   assert summary[0].startswith('Finished 2 steps in ')
   assert summary[1].startswith('Final: train/l1_loss=') and (
       'val/l1_loss=' in summary[1])
   assert summary[2].startswith(
-      f'Checkpoints: {tmp_path}/checkpoints (steps 1, 2); pictures: '
-      f'{tmp_path}/pictures; curves: tensorboard --logdir {tmp_path}')
+      f'Checkpoints: {workdir}/checkpoints (steps 1, 2); pictures: '
+      f'{workdir}/pictures; curves: tensorboard --logdir {workdir}')
+
+
+# One smoke run per stage-1 config: ffhq_stage1's is the uninterrupted run
+# of test_resume_equals_uninterrupted_bitwise, the demo's runs in
+# test_stage2.py::test_demo_trains_both_stages.
+def test_two_step_smoke_run_imagenet_stage1(demo_data_dir, tmp_path, caplog):
+  c = tiny(demo_data_dir, 'imagenet_stage1')
+  with caplog.at_level(logging.INFO):
+    state = loop.train_and_evaluate(c, str(tmp_path))
+  assert int(state.step) == 2
+  _assert_finished_two_step_run(tmp_path, caplog)
 
 
 def _tracing_order(monkeypatch) -> list[str]:
@@ -119,12 +125,14 @@ def _tracing_order(monkeypatch) -> list[str]:
 
 @pytest.mark.long
 def test_resume_equals_uninterrupted_bitwise(demo_data_dir, tmp_path,
-                                             monkeypatch):
+                                             monkeypatch, caplog):
   # ffhq's runlocal trains the GAN too, so its state is covered. Same config
   # in all runs (one compiled program); the interrupted run stops after step 1
   # exactly as on preemption, then a second invocation finishes it.
   c = tiny(demo_data_dir, 'ffhq_stage1')
-  straight = loop.train_and_evaluate(c, str(tmp_path / 'a'))
+  with caplog.at_level(logging.INFO):
+    straight = loop.train_and_evaluate(c, str(tmp_path / 'a'))
+  _assert_finished_two_step_run(tmp_path / 'a', caplog)  # ffhq's smoke run
   interrupted = tiny(demo_data_dir, 'ffhq_stage1', stop_at_step=1)
   assert int(loop.train_and_evaluate(interrupted, str(tmp_path / 'b')).step) == 1
   traced = _tracing_order(monkeypatch)
@@ -378,10 +386,12 @@ def test_router_lr_multiplier_scales_only_the_feature_router(demo_data_dir):
                                     image_shape=(1, size, size, 3)))(
                                         jax.random.key(0))
   grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), state.params)
-  want, _ = plain.tx.update(grads, state.opt_state, state.params)
+  # Jitted: eager, optax's per-leaf ops would compile one by one.
+  want, _ = jax.jit(plain.tx.update)(grads, state.opt_state, state.params)
   c.optim.router_lr_multiplier = 10.0
   fast = stage1.build_models(c)
-  got, _ = fast.tx.update(grads, fast.tx.init(state.params), state.params)
+  got, _ = jax.jit(lambda g, p: fast.tx.update(g, fast.tx.init(p), p))(
+      grads, state.params)
   for name in state.params:
     factor = 10.0 if name == 'grain_router' else 1.0
     for a, b in zip(jax.tree.leaves(got[name]), jax.tree.leaves(want[name])):
