@@ -237,10 +237,12 @@ def test_feature_router_budget_at_inference(variant):
   for b in range(2):  # every finest region outranks every other region
     assert score[b][finest[b]].min() >= score[b][~finest[b]].max()
   with pytest.raises(ValueError, match='inference-time budget'):
-    jax.eval_shape(lambda v: model.apply(
-        v, x, train=True, grain_ratios=ratios, method=dqvae.DQVAE.encode,
-        rngs={'gumbel': RNGS['gumbel'], 'restart': RNGS['restart']}),
-                   variables)
+    jax.eval_shape(
+        lambda v: model.apply(v, x, train=True, grain_ratios=ratios,
+                              method=dqvae.DQVAE.encode,
+                              rngs={'gumbel': RNGS['gumbel'],
+                                    'restart': RNGS['restart']}),
+        variables)
 
 
 def test_missing_entropy_thresholds_file_is_clear():
