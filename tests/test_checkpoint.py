@@ -252,6 +252,7 @@ def test_corrupt_latest_falls_back_with_warning(tmp_path, caplog, how):
   assert ckpt.all_steps() == [1, 2, 3]
 
 
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_all_steps_unreadable_raises_listing_them(tmp_path):
   _save_steps(tmp_path, [1, 2]).close()
   for step in (1, 2):
