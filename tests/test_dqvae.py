@@ -23,6 +23,21 @@ def _small_dual(**kw):
       codebook_dim=16, norm_groups=4, **kw)
 
 
+def _uniform_reconstruction(model, variables, x, grain: int):
+  """The unclipped reconstruction with every region at `grain` (jitted: run
+  op by op, the model's ops would each compile on their own)."""
+  from dqvq.eval import allocation  # pylint: disable=g-import-not-at-top
+  grid = (x.shape[1] // model.grain_factors[0],
+          x.shape[2] // model.grain_factors[0])
+
+  @jax.jit
+  def run(v):
+    q = model.apply(v, x, grain_map=allocation.uniform_grain_map(
+        x.shape[0], grid, grain), method=model.encode)
+    return model.apply(v, q['quantized'], method=model.decode)
+  return run(variables)
+
+
 def _param_count(kwargs, size=256):
   model = dqvae.DQVAE(**kwargs)
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
@@ -262,12 +277,8 @@ def test_gain_router_target_is_the_oracle_allocation():
   variables = jax.jit(model.init)(RNGS, x)
   out, _ = jax.jit(lambda v: model.apply(v, x, train=True, rngs=RNGS,
                                          mutable=['codebook']))(variables)
-  @jax.jit
-  def uniform_recon(v, gmap):
-    q = model.apply(v, x, grain_map=gmap, method=model.encode)
-    return model.apply(v, q['quantized'], method=model.decode)
-  recon = {grain: uniform_recon(variables, allocation.uniform_grain_map(
-      2, (4, 4), grain)) for grain in (0, 1)}
+  recon = {grain: _uniform_reconstruction(model, variables, x, grain)
+           for grain in (0, 1)}
   target = allocation.oracle_grain_map(
       allocation.region_gain(x, recon[0], recon[1], 4), model.grain_ratios)
   assert int(target.sum()) == 2 * 8  # half of each image's 16 regions fine
@@ -301,9 +312,7 @@ def test_error_router_target_is_the_coarse_error_map(scope):
   variables = jax.jit(model.init)(RNGS, x)
   out, _ = jax.jit(lambda v: model.apply(v, x, train=True, rngs=RNGS,
                                          mutable=['codebook']))(variables)
-  q = model.apply(variables, x, grain_map=allocation.uniform_grain_map(
-      2, (4, 4), 0), method=model.encode)
-  coarse = model.apply(variables, q['quantized'], method=model.decode)
+  coarse = _uniform_reconstruction(model, variables, x, 0)
   errors = grain_lib.region_error(x, coarse, 4)
   if scope == 'image':
     target = allocation.oracle_grain_map(errors, model.grain_ratios)

@@ -16,6 +16,7 @@ the same mean for every input level; the README's "What held the tokenizer
 back" gives the figures of both settings and of the full demo run.
 """
 
+import functools
 import importlib.util
 import os
 
@@ -52,13 +53,12 @@ def probe(data_dir: str, workdir: str, steps: int = 120, resolution: int = 32,
   c.num_eval_batches = 1
   c.eval_every = c.image_every = c.checkpoint_every = steps
   state = loop.train_and_evaluate(c, workdir)
-  vae = stage1.build_models(c).vae
   x = jnp.stack([jnp.full((resolution, resolution, 3), v) for v in LEVELS])
-  # Jitted: run eagerly, the model's hundreds of ops compile one by one.
-  reconstruct = jax.jit(lambda v, x: vae.apply(
-      v, x, rngs={'router': jax.random.key(0)})['reconstruction'])
-  y = np.asarray(jnp.clip(reconstruct(
-      {'params': state.params, 'codebook': state.codebook}, x), -1, 1))
+  # The reconstruction the run's pictures show (clipped, eval mode), jitted:
+  # run eagerly, the model's hundreds of ops would compile one by one.
+  reconstruct = jax.jit(functools.partial(stage1.reconstruct,
+                                          stage1.build_models(c)))
+  y = np.asarray(reconstruct(state, x)['reconstruction'])
   return {'mean': y.mean(axis=(1, 2, 3)), 'std': y.std(axis=(1, 2, 3))}
 
 
