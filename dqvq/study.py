@@ -21,7 +21,8 @@ measures them on the validation split (photographs no model trained on):
 * Table 6: dual-grain feature-router models trained at r_fine = 0.1 ... 0.9:
   mean code length against its expectation, its variance, PSNR, usage.
 * Figure 5: AUROC of "the router chose fine" against the per-region error of
-  the fixed-length f = 8 model (`coding.coding_map_auroc`).
+  the fixed-length f = 8 model (`coding.coding_map_auroc`); with Table 6, also
+  of its r = 0.3 model, the fine share of the paper's figure.
 
 Writes WORKDIR/study.json, WORKDIR/study.md (the tables), rate_distortion.png
 and coding_vs_error.png. Runs resume: a trained model is only evaluated again.

@@ -40,7 +40,7 @@ def test_uniform_map():
   assert g.dtype == jnp.int32 and bool(jnp.all(g == 1))
 
 
-def test_study_figures_on_a_tiny_model(demo_data_dir):
+def test_study_figures_on_a_tiny_model(demo_data_dir, tmp_path):
   """The study's measurements run end to end and order the allocations."""
   import functools  # pylint: disable=g-import-not-at-top
   from test_train import tiny  # pylint: disable=g-import-not-at-top
@@ -91,6 +91,19 @@ def test_study_figures_on_a_tiny_model(demo_data_dir):
     assert 0.0 <= fig[f'{key}_per_image'] <= 1.0, key
   assert 0 < fig['images_per_image'] <= 16
   assert fig['regions'] == 16 * regions
+  # The study's Figure 5 part also scores Table 6's r = 0.3 model (the
+  # paper's fine share) when that model was trained. Every name here is the
+  # same tiny model, so that row must repeat the r = 0.5 model's figures.
+  names = ('fixed_f8', 'dual_feature_r0.5', 'dual_entropy',
+           'dual_feature_r0.3')
+  study = study_eval.run_study({n: (c, state) for n in names}, ('figure5',),
+                               str(tmp_path), budgets=(0.5,), seeds=1)
+  paper = "dual_feature_r0.3 (the paper's ratio)"
+  assert paper in study['figure5'] and len(study['figure5']) > 3
+  own = c.model.router_inference
+  assert study['figure5'][paper] == study['figure5'][
+      f'dual_feature_r0.5 ({own})']
+  assert os.path.isfile(tmp_path / 'coding_vs_error.png')
   # Table 6's in-distribution reference: fresh crops of the training
   # photographs, the same ones every call.
   crops = study_eval.training_crops(c, 12)
