@@ -45,6 +45,7 @@ def test_study_figures_on_a_tiny_model(demo_data_dir, tmp_path):
   import functools  # pylint: disable=g-import-not-at-top
   from test_train import tiny  # pylint: disable=g-import-not-at-top
   from dqvq.eval import study_eval  # pylint: disable=g-import-not-at-top
+  from dqvq.models import router as router_lib  # pylint: disable=g-import-not-at-top
   from dqvq.trainers import stage1  # pylint: disable=g-import-not-at-top
 
   c = tiny(demo_data_dir)
@@ -99,7 +100,10 @@ def test_study_figures_on_a_tiny_model(demo_data_dir, tmp_path):
   study = study_eval.run_study({n: (c, state) for n in names}, ('figure5',),
                                str(tmp_path), budgets=(0.5,), seeds=1)
   paper = "dual_feature_r0.3 (the paper's ratio)"
-  assert paper in study['figure5'] and len(study['figure5']) > 3
+  modes = router_lib.INFERENCE_MODES  # the tiny model has a feature router
+  assert set(study['figure5']) == {paper} | {
+      f'{n} ({m})' for n in ('dual_feature_r0.5', 'dual_entropy')
+      for m in modes}
   own = c.model.router_inference
   assert study['figure5'][paper] == study['figure5'][
       f'dual_feature_r0.5 ({own})']

@@ -38,20 +38,21 @@ Array = jax.Array
 # one configuration then share one compiled program, where closing over the
 # weights compiled one per `Model`, weights baked in as constants.
 @functools.partial(jax.jit, static_argnames=('vae', 'grain_ratios'))
-def _encode(vae: dqvae.DQVAE, variables: Any, x: Array,
-            grain_ratios: tuple[float, ...] | None) -> dict[str, Any]:
+def _encode_program(vae: dqvae.DQVAE, variables: Any, x: Array,
+                    grain_ratios: tuple[float, ...] | None) -> dict[str, Any]:
   return vae.apply(variables, x, grain_ratios=grain_ratios,
                    rngs={'router': jax.random.key(0)}, method=vae.encode)
 
 
 @functools.partial(jax.jit, static_argnames=('vae',))
-def _encode_with_map(vae: dqvae.DQVAE, variables: Any, x: Array,
-                     grain_map: Array) -> dict[str, Any]:
+def _with_map_program(vae: dqvae.DQVAE, variables: Any, x: Array,
+                      grain_map: Array) -> dict[str, Any]:
   return vae.apply(variables, x, grain_map=grain_map, method=vae.encode)
 
 
 @functools.partial(jax.jit, static_argnames=('vae',))
-def _decode(vae: dqvae.DQVAE, variables: Any, quantized: Array) -> Array:
+def _decode_program(vae: dqvae.DQVAE, variables: Any, quantized: Array
+                    ) -> Array:
   return jnp.clip(vae.apply(variables, quantized, method=vae.decode),
                   -1.0, 1.0)
 
@@ -74,13 +75,13 @@ class Model:
     self.grain_ratios = None if grain_ratios is None else tuple(grain_ratios)
 
   def _encode(self, x: np.ndarray) -> dict[str, Any]:
-    return _encode(self.vae, self.variables, x, self.grain_ratios)
+    return _encode_program(self.vae, self.variables, x, self.grain_ratios)
 
   def _with_map(self, x: np.ndarray, grain_map: Array) -> dict[str, Any]:
-    return _encode_with_map(self.vae, self.variables, x, grain_map)
+    return _with_map_program(self.vae, self.variables, x, grain_map)
 
   def _decode(self, quantized: Array) -> Array:
-    return _decode(self.vae, self.variables, quantized)
+    return _decode_program(self.vae, self.variables, quantized)
 
   def grid(self, x: np.ndarray) -> tuple[int, int]:
     return x.shape[1] // self.factors[0], x.shape[2] // self.factors[0]
