@@ -97,8 +97,11 @@ def test_study_figures_on_a_tiny_model(demo_data_dir, tmp_path):
   # same tiny model, so that row must repeat the r = 0.5 model's figures.
   names = ('fixed_f8', 'dual_feature_r0.5', 'dual_entropy',
            'dual_feature_r0.3')
-  study = study_eval.run_study({n: (c, state) for n in names}, ('figure5',),
-                               str(tmp_path), budgets=(0.5,), seeds=1)
+  one_batch = c.copy_and_resolve_references()
+  one_batch.data.eval_split = 'validation[:8]'
+  study = study_eval.run_study({n: (one_batch, state) for n in names},
+                               ('figure5',), str(tmp_path), budgets=(0.5,),
+                               seeds=1)
   paper = "dual_feature_r0.3 (the paper's ratio)"
   modes = router_lib.INFERENCE_MODES  # the tiny model has a feature router
   assert set(study['figure5']) == {paper} | {
