@@ -156,6 +156,7 @@ def main(argv: Sequence[str]) -> None:
   cpu_tuning.prepare_process()  # CPU runs only; may restart once
   distributed.initialize()
   from dqvq.eval import study_eval  # pylint: disable=g-import-not-at-top
+  from dqvq.eval import study_report  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(FLAGS.workdir)
   os.makedirs(workdir, exist_ok=True)
   if FLAGS.run:
@@ -181,8 +182,8 @@ def main(argv: Sequence[str]) -> None:
     results['steps'] = FLAGS.steps
   results['config'] = FLAGS.config
   results['set'] = list(FLAGS.set)
-  study_eval.write_tables(workdir, 'study', results,
-                          study_eval.markdown(results))
+  study_report.write_tables(workdir, 'study', results,
+                            study_report.markdown(results))
 
 
 if __name__ == '__main__':

@@ -45,6 +45,7 @@ def test_study_figures_on_a_tiny_model(demo_data_dir, tmp_path):
   import functools  # pylint: disable=g-import-not-at-top
   from test_train import tiny  # pylint: disable=g-import-not-at-top
   from dqvq.eval import study_eval  # pylint: disable=g-import-not-at-top
+  from dqvq.eval import study_report  # pylint: disable=g-import-not-at-top
   from dqvq.models import router as router_lib  # pylint: disable=g-import-not-at-top
   from dqvq.trainers import stage1  # pylint: disable=g-import-not-at-top
 
@@ -68,7 +69,7 @@ def test_study_figures_on_a_tiny_model(demo_data_dir, tmp_path):
   values = [row[k] for k in ('router', 'random', 'oracle')]
   assert np.all(np.isfinite(values)) and np.ptp(values) < 0.5
   assert row['random_std'] >= 0 and row['code_length'] > 0
-  text = study_eval.markdown(res)
+  text = study_report.markdown(res)
   assert '| 0.5 |' in text and '| all fine |' in text
   # Held to a budget, every image codes exactly its quota (Table 5's row
   # 'at budget'): round(25%) of the regions fine, the rest coarse.

@@ -263,8 +263,8 @@ def main(argv: Sequence[str]) -> None:
   os.makedirs(workdir, exist_ok=True)
   results = table7(FLAGS.tokenizer_run, workdir, FLAGS.steps,
                    config=FLAGS.config, overrides=FLAGS.set)
-  from dqvq.eval import study_eval  # pylint: disable=g-import-not-at-top
-  study_eval.write_tables(workdir, 'table7', results, markdown(results))
+  from dqvq.eval import study_report  # pylint: disable=g-import-not-at-top
+  study_report.write_tables(workdir, 'table7', results, markdown(results))
 
 
 if __name__ == '__main__':
