@@ -186,7 +186,12 @@ def main(argv: Sequence[str]) -> None:
                             study_report.markdown(results))
 
 
-if __name__ == '__main__':
+def cli() -> None:
+  """The command line: `python -m dqvq.study` and `benchmarks/study.py`."""
   define_flags()
   flags.mark_flags_as_required(['workdir'])
   app.run(main)
+
+
+if __name__ == '__main__':
+  cli()

@@ -1,6 +1,8 @@
 """Router / random / oracle allocations of a fixed fine budget (dqvq.study)."""
 
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -152,3 +154,27 @@ def test_study_stops_with_a_stopped_run(demo_data_dir, tmp_path):
   with pytest.raises(study.Stopped, match='fixed_f8 stopped at step 1 of 3'):
     study.train(base, 'fixed_f8', str(tmp_path), 3)
   assert os.listdir(tmp_path / 'fixed_f8' / 'checkpoints') == ['1']
+
+
+def test_both_study_commands_refuse_bad_flags_before_any_work(tmp_path):
+  """`python -m dqvq.study` and its benchmarks/ name are one command: each
+  names the fix for a bad flag and exits before it creates the workdir."""
+  import test_train  # pylint: disable=g-import-not-at-top
+  entries = {'module': ['-m', 'dqvq.study'],
+             'script': [os.path.join('benchmarks', 'study.py')]}
+  cases = {('--only', 'table5,bogus'): "--only: unknown parts ['bogus']",
+           ('--steps', '0'): '--steps and --random_seeds must be positive'}
+  procs = {}
+  for entry, head in entries.items():  # at once: each is mostly imports
+    for i, (args, _) in enumerate(cases.items()):
+      workdir = tmp_path / f'{entry}{i}'
+      procs[entry, args, workdir] = subprocess.Popen(
+          [sys.executable, *head, '--workdir', str(workdir), *args],
+          cwd=test_train.ROOT, env=test_train.cli_env(), text=True,
+          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  for (entry, args, workdir), proc in procs.items():
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, (entry, out[-3000:])
+    assert cases[args] in out, (entry, out[-3000:])
+    assert 'Traceback' not in out, (entry, out[-3000:])
+    assert not workdir.exists(), entry
