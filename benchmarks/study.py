@@ -17,8 +17,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# pylint: disable-next=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags
+
 from dqvq import study
 
 if __name__ == '__main__':
+  study.define_flags()
+  # Defined in dqvq.study, they are this script's own: --helpshort lists them.
+  flags.adopt_module_key_flags(study)
   study.cli()

@@ -187,11 +187,12 @@ def main(argv: Sequence[str]) -> None:
 
 
 def cli() -> None:
-  """The command line: `python -m dqvq.study` and `benchmarks/study.py`."""
-  define_flags()
+  """Runs the command line once `define_flags()` has run: `python -m
+  dqvq.study` and `benchmarks/study.py`."""
   flags.mark_flags_as_required(['workdir'])
   app.run(main)
 
 
 if __name__ == '__main__':
+  define_flags()
   cli()

@@ -156,14 +156,16 @@ def test_study_stops_with_a_stopped_run(demo_data_dir, tmp_path):
   assert os.listdir(tmp_path / 'fixed_f8' / 'checkpoints') == ['1']
 
 
-def test_both_study_commands_refuse_bad_flags_before_any_work(tmp_path):
+def test_both_study_commands_list_their_flags_and_refuse_bad_ones(tmp_path):
   """`python -m dqvq.study` and its benchmarks/ name are one command: each
-  names the fix for a bad flag and exits before it creates the workdir."""
+  lists the study's flags under --helpshort and names the fix for a bad flag,
+  and exits (code 1, absl's for both) before it creates the workdir."""
   import test_train  # pylint: disable=g-import-not-at-top
   entries = {'module': ['-m', 'dqvq.study'],
              'script': [os.path.join('benchmarks', 'study.py')]}
   cases = {('--only', 'table5,bogus'): "--only: unknown parts ['bogus']",
-           ('--steps', '0'): '--steps and --random_seeds must be positive'}
+           ('--steps', '0'): '--steps and --random_seeds must be positive',
+           ('--helpshort',): '--workdir: Runs and results go here.'}
   procs = {}
   for entry, head in entries.items():  # at once: each is mostly imports
     for i, (args, _) in enumerate(cases.items()):
