@@ -4,9 +4,9 @@ r"""The paper's claims in miniature, from the benchmarks folder.
       [--only table5,budget,table6,figure5] [--set FIELD=VALUE ...]
 
 The same command as `python -m dqvq.study` (same flags, same outputs:
-W/study.json, W/study.md, rate_distortion.png, coding_vs_error.png), under
-the name issue 15 offered for it, beside the other benchmarks that measure
-the study's models (`figure5_training_length.py`, `table6_crop_law.py`).
+W/study.json, W/study.md, rate_distortion.png, coding_vs_error.png), here
+beside the benchmarks that measure the study's models further
+(`figure5_training_length.py`, `table6_crop_law.py`).
 The study lives in the package so that an installed dqvq runs it without a
 checkout; this file only puts the checkout on the path and calls it. The
 README's "The paper's claims in miniature" gives its figures.
