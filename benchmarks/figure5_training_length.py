@@ -73,11 +73,13 @@ def main(argv: Sequence[str]) -> None:
       run_dir = os.path.join(FLAGS.workdir, str(n))
       models[name, n] = study_eval.Model(*study.train(base, name, run_dir, n))
   batches = study_eval.validation_batches(models[FIXED, lengths[0]].config)
+  errors = {m: study_eval.fixed_region_errors(models[FIXED, m], batches)
+            for m in lengths}
   rows = []
   for n in lengths:
     own = study_eval.coding_figures(models[ROUTED, n], batches)
     for m in lengths:
-      fig = study_eval.figure5(models[FIXED, m], models[ROUTED, n], batches)
+      fig = study_eval.figure5(errors[m], models[ROUTED, n], batches)
       rows.append(dict(fig, router_steps=n, fixed_steps=m, psnr=own['psnr'],
                        code_length_mean=own['code_length_mean'],
                        code_length_var=own['code_length_var']))

@@ -203,8 +203,17 @@ def budget_figures(model: Model, batches, budgets: Sequence[float],
   return rows
 
 
-def figure5(fixed: Model, dual: Model, batches) -> dict[str, Any]:
-  """AUROC of the dual model's fine choice vs the fixed model's region error.
+def fixed_region_errors(fixed: Model, batches) -> list[Array]:
+  """Figure 5's error map, once per fixed model for every router it scores:
+  its L1 error per region of its code (the paper's VQGAN f = 16 regions),
+  one (B, h, w) array per batch."""
+  return [grain_lib.region_error(x, fixed.routed(x)[1], fixed.factors[0])
+          for x, _ in batches]
+
+
+def figure5(errors: Sequence[Array], dual: Model, batches) -> dict[str, Any]:
+  """AUROC of the dual model's fine choice vs the fixed model's region error
+  (`errors`, from `fixed_region_errors`).
 
   With two reference points for the figure: 'ceiling', the AUROC of giving
   each image the router's own number of fine regions but at the fixed
@@ -219,19 +228,20 @@ def figure5(fixed: Model, dual: Model, batches) -> dict[str, Any]:
   got = {k: coding.RegionScores()
          for k in ('auroc', 'ranking', 'ceiling', 'gain_oracle')}
   finest = len(dual.factors) - 1
-  for x, mask in batches:
-    _, y = fixed.routed(x)
-    errors = grain_lib.region_error(x, y, dual.factors[0])
+  for (x, mask), error in zip(batches, errors, strict=True):
+    if error.shape[1:] != dual.grid(x):
+      raise ValueError(f'{error.shape[1:]} error regions, {dual.grid(x)} coded:'
+                       " the fixed model must use the dual's coarsest grain.")
     out, _ = dual.routed(x)
     fine = out['grain_map'] == finest
     counts = jnp.sum(out['grain_map'] >= jnp.arange(1, finest + 1)[
         :, None, None, None], axis=(2, 3)).T  # (B, K-1) regions >= grain k
-    got['auroc'].add(fine, errors, mask)
-    got['ranking'].add(dual.router_scores(out), errors, mask)
-    for key, score in (('ceiling', errors),
+    got['auroc'].add(fine, error, mask)
+    got['ranking'].add(dual.router_scores(out), error, mask)
+    for key, score in (('ceiling', error),
                        ('gain_oracle', dual.region_gain(x))):
       picked = entropy_lib.assign_grains_by_counts(score, counts) == finest
-      got[key].add(picked, errors, mask)
+      got[key].add(picked, error, mask)
   res = {k: v.auroc() for k, v in got.items()}
   for k, v in got.items():
     res[f'{k}_per_image'], res['images_per_image'] = v.per_image_auroc()
@@ -371,15 +381,16 @@ def run_study(runs: dict[str, tuple[Any, Any]], parts: Sequence[str],
     fixed = models['fixed_f8']
     duals = {n: models[n] for n in ('dual_feature_r0.5', 'dual_entropy')}
     res['fixed'] = {'fixed_f8': own['fixed_f8']}
+    errors = fixed_region_errors(fixed, batches)
     res['figure5'] = {
-        label: figure5(fixed, variant, batches)
+        label: figure5(errors, variant, batches)
         for n, m in duals.items()
         for label, variant in inference_variants(n, *runs[n], m).items()}
     # The paper's Figure 5 codes 30% of the regions fine (r_f8 = 0.3), the
     # ratio of Table 6's r = 0.3 model: scored too when Table 6 trained it.
     if 'dual_feature_r0.3' in models:
       res['figure5']['dual_feature_r0.3 (the paper\'s ratio)'] = figure5(
-          fixed, models['dual_feature_r0.3'], batches)
+          errors, models['dual_feature_r0.3'], batches)
     coding_vs_error_picture(os.path.join(workdir, 'coding_vs_error.png'),
                             fixed, duals, batches[0][0])
   rate_distortion_plot(os.path.join(workdir, 'rate_distortion.png'), res)
@@ -387,4 +398,4 @@ def run_study(runs: dict[str, tuple[Any, Any]], parts: Sequence[str],
 
 
 __all__ = ['Model', 'run_study', 'budget_figures', 'coding_figures',
-           'figure5']
+           'fixed_region_errors', 'figure5']
